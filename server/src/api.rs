@@ -1,0 +1,130 @@
+//! The gRPC server: `orderflow.v1.OrderService` (where the order service runs), the standard
+//! `grpc.health.v1.Health` service and server reflection, so `grpcurl` works with no .proto
+//! files. This module and its children are the only place tonic server types appear.
+
+mod error;
+pub mod request;
+mod response;
+mod service;
+mod status_stream;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use opentelemetry::global;
+use orderflow_proto::orderflow::v1::order_service_server::OrderServiceServer;
+use sqlx::SqlitePool;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::transport::Server;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+pub use error::{Error, Violation};
+
+use crate::{order::watch::Hub, outbox::Outbox};
+
+/// Default bound on concurrent `WatchOrder` streams per server.
+pub const DEFAULT_MAX_WATCHES: usize = 10_000;
+
+/// State behind `OrderService`. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct OrderApi {
+    pool: SqlitePool,
+    outbox: Outbox,
+    hub: Hub,
+    streams: TaskTracker,
+    shutdown: CancellationToken,
+    watch_slots: Arc<Semaphore>,
+    max_watches: usize,
+}
+
+impl OrderApi {
+    /// The API over the order database `pool`. Watch streams run on `streams` and end at
+    /// `shutdown`.
+    pub fn new(
+        pool: SqlitePool,
+        outbox: Outbox,
+        hub: Hub,
+        streams: TaskTracker,
+        shutdown: CancellationToken,
+        max_watches: usize,
+    ) -> Self {
+        OrderApi {
+            pool,
+            outbox,
+            hub,
+            streams,
+            shutdown,
+            watch_slots: Arc::new(Semaphore::new(max_watches)),
+            max_watches,
+        }
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown`: health and reflection always, `OrderService`
+/// when `orders` is given.
+pub async fn serve(
+    listener: TcpListener,
+    orders: Option<OrderApi>,
+    health: HealthServer<impl Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
+    // grpcurl 1.8 speaks only v1alpha.
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building reflection v1alpha")?;
+    Server::builder()
+        .trace_fn(request_span)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_optional_service(orders.map(OrderServiceServer::new))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await
+        .context("gRPC server failed")
+}
+
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(orderflow_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// The SERVER span of one call, continuing the caller's `traceparent` when there is one.
+fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let path = request.uri().path();
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        service.name = "order-service",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
+    let parent =
+        global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+    let _ = span.set_parent(parent);
+    span
+}
+
+struct HeaderExtractor<'a>(&'a tonic::codegen::http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}

@@ -1,0 +1,125 @@
+//! `WatchOrder` streams: one task per stream, reading the order's history from the database
+//! and waking on the hub's bell. Reading by version makes resuming exact: a client that saw
+//! version N asks for everything after N and gets it, with no gap and no repeat.
+//!
+//! Each task ends when the order reaches a terminal status, when the client goes away
+//! (`tx.closed()`), or at shutdown, when the client is told to resume elsewhere.
+
+use orderflow_proto::orderflow::v1 as pb;
+use sqlx::SqlitePool;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{Instrument as _, debug, warn};
+
+use super::{OrderApi, error::Error, response::update};
+use crate::order::{store, watch::Subscription};
+
+/// Updates buffered per stream; a slow client makes its own task wait, nobody else.
+const BUFFER: usize = 16;
+
+/// The stream type of `WatchOrder`.
+pub(super) type UpdateStream = ReceiverStream<Result<pb::OrderUpdate, Status>>;
+
+/// Starts following `order_id`, from after `resume_after` or from its current status.
+pub(super) async fn start(
+    api: &OrderApi,
+    order_id: String,
+    resume_after: Option<u64>,
+) -> Result<UpdateStream, Error> {
+    let permit = api.watch_slots.clone().try_acquire_owned().map_err(|_| {
+        Error::Exhausted(format!(
+            "too many concurrent watch streams (limit {}); retry later",
+            api.max_watches
+        ))
+    })?;
+    // Subscribe before the first read, so a change between the read and the wait still rings.
+    let subscription = api.hub.subscribe(&order_id);
+    let mut conn = api.pool.acquire().await?;
+    let order = store::load(&mut conn, &order_id)
+        .await?
+        .ok_or_else(|| Error::NotFound(order_id.clone()))?;
+    drop(conn);
+    let after = match resume_after {
+        Some(v) if v > order.version => {
+            return Err(Error::invalid(
+                "resume_after_version",
+                format!("is {v} but the order's latest version is {}", order.version),
+            ));
+        }
+        Some(v) => v,
+        None => order.version - 1,
+    };
+    let (tx, rx) = mpsc::channel(BUFFER);
+    if !(after >= order.version && order.status.is_terminal()) {
+        let task = Follow {
+            pool: api.pool.clone(),
+            order_id,
+            after,
+            subscription,
+            tx,
+            shutdown: api.shutdown.clone(),
+        };
+        api.streams.spawn(task.run(permit).in_current_span());
+    }
+    Ok(ReceiverStream::new(rx))
+}
+
+struct Follow {
+    pool: SqlitePool,
+    order_id: String,
+    after: u64,
+    subscription: Subscription,
+    tx: mpsc::Sender<Result<pb::OrderUpdate, Status>>,
+    shutdown: CancellationToken,
+}
+
+impl Follow {
+    async fn run(mut self, _permit: OwnedSemaphorePermit) {
+        loop {
+            let changes = match self.read().await {
+                Ok(changes) => changes,
+                Err(error) => {
+                    warn!(order.id = %self.order_id, error = %error, "Watch stream failed reading history.");
+                    let _ = self
+                        .tx
+                        .send(Err(Status::unavailable(
+                            "could not read the order; resume later",
+                        )))
+                        .await;
+                    return;
+                }
+            };
+            for change in &changes {
+                if self
+                    .tx
+                    .send(Ok(update(&self.order_id, change)))
+                    .await
+                    .is_err()
+                {
+                    return; // the client went away
+                }
+                self.after = change.version;
+                if change.status.is_terminal() {
+                    debug!(order.id = %self.order_id, version = change.version, "Watch stream complete.");
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = self.subscription.changed() => {}
+                _ = self.tx.closed() => return,
+                _ = self.shutdown.cancelled() => {
+                    let message = format!("server shutting down; resume with resume_after_version={}", self.after);
+                    let _ = self.tx.send(Err(Status::unavailable(message))).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn read(&self) -> sqlx::Result<Vec<crate::order::Change>> {
+        let mut conn = self.pool.acquire().await?;
+        store::history_after(&mut conn, &self.order_id, self.after).await
+    }
+}

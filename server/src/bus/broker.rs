@@ -1,0 +1,259 @@
+//! A supervised connection to RabbitMQ. lapin does not reconnect for us, so [`Broker::run`]
+//! connects with backoff and jitter, declares the namespace's topology, publishes the live
+//! [`Link`] to everyone who waits for one, and starts over when the connection dies.
+//! Consumers and publishers never hold a connection across a reconnect: they ask for the
+//! current link and treat any channel error as "ask again".
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use lapin::{Channel, Connection, ConnectionProperties, Event, uri::AMQPUri};
+use rand::Rng as _;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Topology;
+use crate::config::AmqpUrl;
+
+/// Heartbeat asked of the broker when the URL does not set one, so a silently dead peer (a
+/// network blip, a paused VM) is noticed within seconds rather than RabbitMQ's default minute.
+const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+/// Bound on one connection attempt, handshake and topology declaration included.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// One live connection. Cheap to clone.
+#[derive(Clone)]
+pub struct Link {
+    connection: Arc<Connection>,
+    generation: u64,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Opens a channel on this connection.
+    pub async fn channel(&self) -> lapin::Result<Channel> {
+        self.connection.create_channel().await
+    }
+
+    /// Increases by one with every successful (re)connection.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// Handle to a supervised connection; clone it freely.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    url: AmqpUrl,
+    connection_name: String,
+    topology: Topology,
+    link: watch::Sender<Option<Link>>,
+    broken: Notify,
+}
+
+impl Broker {
+    /// A broker handle; nothing connects until [`Broker::run`].
+    pub fn new(url: AmqpUrl, connection_name: impl Into<String>, topology: Topology) -> Self {
+        Broker {
+            inner: Arc::new(Inner {
+                url,
+                connection_name: connection_name.into(),
+                topology,
+                link: watch::Sender::new(None),
+                broken: Notify::new(),
+            }),
+        }
+    }
+
+    /// The topology this broker declares on every connection.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Waits for a live connection. `None` once `shutdown` fires.
+    pub async fn link(&self, shutdown: &CancellationToken) -> Option<Link> {
+        let mut rx = self.inner.link.subscribe();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            link = rx.wait_for(Option::is_some) => link.ok().and_then(|l| l.clone()),
+        }
+    }
+
+    /// The current link, without waiting.
+    pub fn current(&self) -> Option<Link> {
+        self.inner.link.borrow().clone()
+    }
+
+    /// Follows connection state changes (`Some` while connected), e.g. for health reporting.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Link>> {
+        self.inner.link.subscribe()
+    }
+
+    /// Tells the supervisor that `link` failed in a way only a new connection fixes.
+    pub fn report_broken(&self, link: &Link) {
+        if self
+            .current()
+            .is_some_and(|current| current.generation == link.generation)
+        {
+            self.inner.broken.notify_one();
+        }
+    }
+
+    /// Keeps a connection up until `shutdown`, then closes it. Returns only on shutdown.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut failures = 0u32;
+        let mut generation = 0u64;
+        while !shutdown.is_cancelled() {
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()) => {
+                    result.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}")))
+                }
+            };
+            let connection = match attempt {
+                Ok(connection) => connection,
+                Err(error) => {
+                    failures += 1;
+                    let delay = backoff(failures);
+                    warn!(
+                        broker.url = %self.inner.url,
+                        attempt = failures,
+                        retry_in = ?delay,
+                        error = %format!("{error:#}"),
+                        "RabbitMQ unreachable; retrying. Is it running? (rabbitmq-server -detached)"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            failures = 0;
+            generation += 1;
+            let connection = Arc::new(connection);
+            let mut events = connection.events_listener();
+            self.inner.link.send_replace(Some(Link {
+                connection: connection.clone(),
+                generation,
+            }));
+            info!(
+                broker.url = %self.inner.url,
+                connection = %self.inner.connection_name,
+                generation,
+                "Connected to RabbitMQ; topology declared."
+            );
+
+            let reason = tokio::select! {
+                _ = shutdown.cancelled() => None,
+                reason = wait_until_dead(&connection, &mut events) => Some(reason),
+                _ = self.inner.broken.notified() => Some("a component reported the connection broken".to_owned()),
+            };
+            self.inner.link.send_replace(None);
+            match reason {
+                None => {
+                    if let Err(error) = connection.close(200, "shutting down".into()).await {
+                        warn!(error = %error, "Closing the RabbitMQ connection failed.");
+                    }
+                    break;
+                }
+                Some(reason) => {
+                    warn!(reason = %reason, "Lost the RabbitMQ connection; reconnecting.");
+                    // A connection that is merely degraded would otherwise linger.
+                    let _ = connection.close(320, "reconnecting".into()).await;
+                }
+            }
+        }
+        self.inner.link.send_replace(None);
+        Ok(())
+    }
+
+    async fn connect(&self) -> anyhow::Result<Connection> {
+        let mut uri: AMQPUri = self
+            .inner
+            .url
+            .expose()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("malformed AMQP URL: {e}"))?;
+        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        let properties = ConnectionProperties::default()
+            .with_connection_name(self.inner.connection_name.clone().into());
+        let connection = Connection::connect_uri(uri, properties)
+            .await
+            .context("connecting")?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("opening a channel")?;
+        self.inner
+            .topology
+            .declare(&channel)
+            .await
+            .context("declaring the topology")?;
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(connection)
+    }
+}
+
+/// Resolves when the connection reports an error or stops being connected.
+async fn wait_until_dead(
+    connection: &Connection,
+    events: &mut (impl futures_util::Stream<Item = Event> + Unpin),
+) -> String {
+    // Events are the fast path; the status poll catches a close that raised no event.
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Event::Error(error)) => return error.to_string(),
+                Some(_) => {}
+                None => return "connection event stream ended".to_owned(),
+            },
+            _ = poll.tick() => {
+                if !connection.status().connected() {
+                    return "connection is no longer open".to_owned();
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter in its upper half: `[d/2, d]`, `d = 200ms * 2^(n-1)`,
+/// at most 5 s, so many restarting services do not reconnect in lockstep.
+fn backoff(failures: u32) -> Duration {
+    let exp =
+        BACKOFF_INITIAL.saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)));
+    let capped = exp.min(BACKOFF_MAX).as_secs_f64();
+    Duration::from_secs_f64(rand::rng().random_range(capped / 2.0..=capped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for _ in 0..100 {
+            let first = backoff(1);
+            assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
+            let late = backoff(50);
+            assert!(late >= Duration::from_millis(2500) && late <= BACKOFF_MAX);
+        }
+    }
+}

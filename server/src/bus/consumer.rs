@@ -1,0 +1,363 @@
+//! The consume loop of one work queue: prefetch, take deliveries in batches, hand them to a
+//! [`Processor`], and settle each one. [`Consumer::settle`] is the only code in orderflow that
+//! acknowledges, retries or dead-letters a delivery.
+//!
+//! Invariants: a delivery is acknowledged only after its effects are committed (the processor
+//! returned `Ok`) or after its copy was confirmed by the retry or dead-letter queue. A lost
+//! connection leaves unacknowledged deliveries to the broker, which redelivers them.
+
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::SystemTime};
+
+use crate::time::rfc3339;
+
+use futures_util::{FutureExt as _, StreamExt as _};
+use lapin::{
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    },
+    types::FieldTable,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, error, info, warn};
+
+use super::{
+    Broker, HandleError, Incoming, Link, Outgoing, Publisher, RetryPolicy,
+    message::{header_str, republishable, text},
+    outcome::{Settlement, settle},
+    topology::{QueueNames, header},
+};
+use crate::service::Service;
+
+/// Turns a batch of deliveries into effects. One result per delivery, in order.
+pub trait Processor: Send + Sync + 'static {
+    /// Handles `batch`; deliveries are independent, one failing must not fail the others.
+    fn process(
+        &self,
+        batch: &[Incoming],
+    ) -> impl Future<Output = Vec<Result<(), HandleError>>> + Send;
+}
+
+/// Consumes one work queue until shutdown, surviving reconnects.
+#[derive(Debug)]
+pub struct Consumer<P> {
+    broker: Broker,
+    publisher: Arc<Publisher>,
+    queue: QueueNames,
+    service: Service,
+    policy: RetryPolicy,
+    prefetch: u16,
+    processor: Arc<P>,
+}
+
+impl<P: Processor> Consumer<P> {
+    /// A consumer of `queue` for `service`.
+    pub fn new(
+        broker: Broker,
+        publisher: Arc<Publisher>,
+        queue: QueueNames,
+        service: Service,
+        policy: RetryPolicy,
+        prefetch: u16,
+        processor: Arc<P>,
+    ) -> Self {
+        Consumer {
+            broker,
+            publisher,
+            queue,
+            service,
+            policy,
+            prefetch,
+            processor,
+        }
+    }
+
+    /// Consumes until `shutdown`. Finishes and settles the batch in hand before returning.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        while let Some(link) = self.broker.link(&shutdown).await {
+            match self.consume(&link, &shutdown).await {
+                Ok(()) => break,
+                Err(error) => {
+                    warn!(
+                        queue = %self.queue.work,
+                        error = %error,
+                        "Consumer interrupted; resuming on the next connection."
+                    );
+                    // A channel error on a healthy connection (e.g. a deleted queue) must not
+                    // spin; a dead connection is noticed by the broker supervisor meanwhile.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+        debug!(queue = %self.queue.work, "Consumer stopped.");
+        Ok(())
+    }
+
+    async fn consume(&self, link: &Link, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let channel = link.channel().await?;
+        // Prefetch bounds both memory and the batch size: the broker holds the backlog.
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!(
+            "{}-{}",
+            self.service.service_name(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let mut deliveries = channel
+            .basic_consume(
+                self.queue.work.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        debug!(queue = %self.queue.work, consumer.tag = %tag, "Consuming.");
+
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                next = deliveries.next() => next,
+            };
+            let Some(first) = first else {
+                anyhow::bail!(
+                    "the broker cancelled the consumer (queue deleted?) or the channel closed"
+                );
+            };
+            let mut batch = vec![Incoming::new(first?)];
+            // Take what has already arrived, without waiting, to share one transaction.
+            while batch.len() < usize::from(self.prefetch) {
+                match deliveries.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => batch.push(Incoming::new(delivery)),
+                    _ => break,
+                }
+            }
+            let results = self.process(&batch).await;
+            for (incoming, result) in batch.iter().zip(results) {
+                self.settle(incoming, result).await?;
+            }
+        }
+
+        // Stop deliveries, then close: prefetched but unhandled messages go back to the queue.
+        let _ = channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        let _ = channel.close(200, "consumer stopped".into()).await;
+        Ok(())
+    }
+
+    /// Runs the processor; if it panics, runs each delivery alone so only the culprit fails.
+    async fn process(&self, batch: &[Incoming]) -> Vec<Result<(), HandleError>> {
+        match AssertUnwindSafe(self.processor.process(batch))
+            .catch_unwind()
+            .await
+        {
+            Ok(results) => results,
+            Err(_) if batch.len() > 1 => {
+                let mut results = Vec::with_capacity(batch.len());
+                for incoming in batch {
+                    let single = std::slice::from_ref(incoming);
+                    match AssertUnwindSafe(self.processor.process(single))
+                        .catch_unwind()
+                        .await
+                    {
+                        Ok(mut result) => results.push(result.pop().unwrap_or(Ok(()))),
+                        Err(panic) => results.push(Err(panicked(panic))),
+                    }
+                }
+                results
+            }
+            Err(panic) => vec![Err(panicked(panic))],
+        }
+    }
+
+    /// Carries out the settlement of one delivery. Errors only when the channel is unusable.
+    async fn settle(
+        &self,
+        incoming: &Incoming,
+        result: Result<(), HandleError>,
+    ) -> lapin::Result<()> {
+        let attempt = incoming.attempt();
+        let order_id = incoming.correlation_id().unwrap_or_default();
+        let message_id = incoming.message_id().unwrap_or_default();
+        let kind = incoming.kind().unwrap_or_default();
+        let settlement = settle(&result, attempt, &self.policy);
+        let copy = match (&settlement, &result) {
+            (Settlement::Ack, _) => {
+                info!(
+                    target: "orderflow::message",
+                    service = self.service.service_name(),
+                    queue = %self.queue.work,
+                    event.type = kind,
+                    order.id = order_id,
+                    message.id = message_id,
+                    attempt,
+                    elapsed_ms = incoming.age().as_millis() as u64,
+                    "Handled event."
+                );
+                None
+            }
+            (
+                Settlement::Retry {
+                    failed_attempt,
+                    delay,
+                },
+                Err(error),
+            ) => {
+                warn!(
+                    service = self.service.service_name(),
+                    queue = %self.queue.work,
+                    event.type = kind,
+                    order.id = order_id,
+                    message.id = message_id,
+                    attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    error = %error,
+                    "Handling failed; retrying after a delay."
+                );
+                let mut copy = self.failure_copy(incoming, error);
+                copy.exchange = self
+                    .broker
+                    .topology()
+                    .retry_queue(self.service, *failed_attempt);
+                copy.routing_key = self.queue.work.clone();
+                copy.properties = copy
+                    .properties
+                    .with_expiration(delay.as_millis().max(1).to_string().as_str().into());
+                Some(copy.with_header(
+                    header::ATTEMPT,
+                    lapin::types::AMQPValue::LongLongInt(i64::from(attempt) + 1),
+                ))
+            }
+            (Settlement::DeadLetter(reason), Err(error)) => {
+                error!(
+                    service = self.service.service_name(),
+                    queue = %self.queue.work,
+                    dlq = %self.queue.dlq,
+                    event.type = kind,
+                    order.id = order_id,
+                    message.id = message_id,
+                    attempt,
+                    reason = reason.as_str(),
+                    error = %error,
+                    "Dead-lettered a message."
+                );
+                let mut copy = self.failure_copy(incoming, error);
+                copy.exchange = self.queue.dead_letter.exchange.clone();
+                copy.routing_key = self.queue.dead_letter.routing_key.clone();
+                Some(
+                    copy.with_header(header::DEAD_LETTER_REASON, text(reason.as_str()))
+                        .with_header(
+                            header::ATTEMPT,
+                            lapin::types::AMQPValue::LongLongInt(i64::from(attempt)),
+                        ),
+                )
+            }
+            (_, Ok(())) => unreachable!("settle() only retries or dead-letters failures"),
+        };
+
+        if let Some(copy) = copy {
+            let span = tracing::debug_span!("settle", queue = %self.queue.work);
+            if let Err(error) = self.publisher.publish(&copy).instrument(span).await {
+                // Not parked anywhere: give it back to the queue rather than lose it. The
+                // queue's delivery limit stops this from looping forever.
+                warn!(
+                    queue = %self.queue.work,
+                    message.id = message_id,
+                    error = %error,
+                    "Could not park a failed message; requeueing it."
+                );
+                incoming
+                    .delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
+                return Ok(());
+            }
+        }
+        incoming
+            .delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    /// A copy of `incoming` (body untouched) carrying the failure's context in its headers.
+    fn failure_copy(&self, incoming: &Incoming, error: &HandleError) -> Outgoing {
+        let now = rfc3339(SystemTime::now());
+        let delivery = &incoming.delivery;
+        let original = incoming.headers();
+        let keep = |key: &str, fallback: &str| {
+            text(
+                original
+                    .and_then(|h| header_str(h, key))
+                    .unwrap_or(fallback)
+                    .to_owned(),
+            )
+        };
+        let properties = republishable(&delivery.properties);
+        let mut copy = Outgoing {
+            exchange: String::new(),
+            routing_key: String::new(),
+            properties,
+            body: delivery.data.clone(),
+        };
+        copy = copy
+            .with_header(
+                header::ORIGINAL_EXCHANGE,
+                keep(header::ORIGINAL_EXCHANGE, delivery.exchange.as_str()),
+            )
+            .with_header(
+                header::ORIGINAL_ROUTING_KEY,
+                keep(header::ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str()),
+            )
+            .with_header(
+                header::FIRST_FAILURE_AT,
+                keep(header::FIRST_FAILURE_AT, &now),
+            )
+            .with_header(header::LAST_FAILURE_AT, text(now))
+            .with_header(header::QUEUE, text(self.queue.work.clone()))
+            .with_header(header::FAILING_SERVICE, text(self.service.service_name()))
+            .with_header(header::ERROR_KIND, text(error.kind()))
+            .with_header(
+                header::LAST_ERROR,
+                text(truncate(&format!("{error}"), 2048)),
+            );
+        copy
+    }
+}
+
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> HandleError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned());
+    HandleError::transient(anyhow::anyhow!("handler panicked: {message}"))
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncates_on_char_boundary() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

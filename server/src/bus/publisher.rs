@@ -1,0 +1,138 @@
+//! Publishing with publisher confirms on one long-lived channel per service.
+//!
+//! Every message is published `mandatory`, so a message no queue would take comes back as an
+//! error instead of vanishing, and every call waits for the broker's confirm. Batches are
+//! pipelined: all messages are written, then all confirms awaited.
+
+use futures_util::future::join_all;
+use lapin::{
+    Channel, Confirmation,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+};
+use tokio::sync::Mutex;
+
+use super::{Broker, Link, Outgoing};
+
+/// Why a publish did not take.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// No connection to the broker right now.
+    #[error("not connected to RabbitMQ")]
+    Disconnected,
+    /// The broker refused to take responsibility for the message.
+    #[error("the broker nacked the message")]
+    Nacked,
+    /// No queue is bound for the message's routing key.
+    #[error("unroutable: {0}")]
+    Unroutable(String),
+    /// The channel or connection failed.
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+}
+
+/// Confirmed, mandatory publishing on a service's connection.
+#[derive(Debug)]
+pub struct Publisher {
+    broker: Broker,
+    channel: Mutex<Option<(Link, Channel)>>,
+}
+
+impl Publisher {
+    /// A publisher on `broker`'s current connection (whatever it is at publish time).
+    pub fn new(broker: Broker) -> Self {
+        Publisher {
+            broker,
+            channel: Mutex::new(None),
+        }
+    }
+
+    /// Publishes one message and waits for its confirm.
+    pub async fn publish(&self, message: &Outgoing) -> Result<(), PublishError> {
+        self.publish_all(std::slice::from_ref(message))
+            .await
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Publishes `messages` in order and waits for every confirm; one result per message.
+    pub async fn publish_all(&self, messages: &[Outgoing]) -> Vec<Result<(), PublishError>> {
+        let (link, channel) = match self.channel().await {
+            Ok(pair) => pair,
+            Err(error) => return messages.iter().map(|_| Err(clone_error(&error))).collect(),
+        };
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in messages {
+            let published = channel
+                .basic_publish(
+                    message.exchange.as_str().into(),
+                    message.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &message.body,
+                    message.properties.clone(),
+                )
+                .await;
+            pending.push(published);
+        }
+        let results = join_all(pending.into_iter().map(|published| async move {
+            match published?.await? {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                    Err(PublishError::Unroutable(returned.reply_text.to_string()))
+                }
+                Confirmation::Nack(None) => Err(PublishError::Nacked),
+                // confirm_select is always on; treat a missing confirm as a refusal.
+                Confirmation::NotRequested => Err(PublishError::Nacked),
+            }
+        }))
+        .await;
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(PublishError::Amqp(_))))
+        {
+            self.discard(&link).await;
+        }
+        results
+    }
+
+    async fn channel(&self) -> Result<(Link, Channel), PublishError> {
+        let mut cached = self.channel.lock().await;
+        if let Some((link, channel)) = cached.as_ref() {
+            let same_connection = self
+                .broker
+                .current()
+                .is_some_and(|c| c.generation() == link.generation());
+            if same_connection && channel.status().connected() {
+                return Ok((link.clone(), channel.clone()));
+            }
+        }
+        let link = self.broker.current().ok_or(PublishError::Disconnected)?;
+        let channel = link.channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        *cached = Some((link.clone(), channel.clone()));
+        Ok((link, channel))
+    }
+
+    async fn discard(&self, link: &Link) {
+        let mut cached = self.channel.lock().await;
+        if cached
+            .as_ref()
+            .is_some_and(|(l, _)| l.generation() == link.generation())
+        {
+            *cached = None;
+        }
+    }
+}
+
+fn clone_error(error: &PublishError) -> PublishError {
+    match error {
+        PublishError::Disconnected => PublishError::Disconnected,
+        PublishError::Nacked => PublishError::Nacked,
+        PublishError::Unroutable(text) => PublishError::Unroutable(text.clone()),
+        PublishError::Amqp(e) => PublishError::Amqp(e.clone()),
+    }
+}

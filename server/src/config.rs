@@ -1,0 +1,326 @@
+//! Command-line and environment configuration of `orderflow-server`.
+//!
+//! Every setting is a flag and an environment variable (clap `env`), so `--help` documents the
+//! whole surface and docker-compose only sets variables. Everything is parsed and checked before
+//! anything connects; `main` exits with 64 (EX_USAGE) listing every bad setting at once.
+
+use std::{
+    collections::BTreeSet, fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration,
+};
+
+use clap::{Parser, ValueEnum};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::{bus::RetryPolicy, service::Service};
+
+/// Settings of one `orderflow-server` process.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "orderflow-server",
+    version,
+    about = "orderflow's Order, Inventory and Payment services"
+)]
+pub struct Config {
+    /// Services to run in this process, comma-separated. Run each in its own process to scale
+    /// them independently; several processes may run the same service side by side.
+    #[arg(
+        long,
+        env = "ORDERFLOW_SERVICES",
+        value_delimiter = ',',
+        default_value = "order,inventory,payment"
+    )]
+    pub services: Vec<Service>,
+
+    /// RabbitMQ URL. The password is never logged.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = false,
+        hide_env_values = true
+    )]
+    pub amqp_url: AmqpUrl,
+
+    /// Prefix of every exchange and queue name, so deployments (or tests) sharing a broker never
+    /// see each other's messages. Letters, digits, `-` and `_`.
+    #[arg(long, env = "ORDERFLOW_NAMESPACE", default_value = "orderflow")]
+    pub namespace: String,
+
+    /// Address of the gRPC API (order service only).
+    #[arg(long, env = "ORDERFLOW_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Directory of the services' SQLite databases (`order.db`, `inventory.db`, `payment.db`).
+    #[arg(long, env = "ORDERFLOW_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// JSON catalog that seeds Inventory's stock (see README); a demo catalog when unset.
+    #[arg(long, env = "ORDERFLOW_CATALOG")]
+    pub catalog: Option<PathBuf>,
+
+    /// Payment declines orders whose total exceeds this many cents.
+    #[arg(long, env = "ORDERFLOW_PAYMENT_LIMIT_CENTS", default_value_t = 100_000)]
+    pub payment_limit_cents: i64,
+
+    /// Unacknowledged deliveries each consumer may hold (AMQP prefetch). Also the largest batch
+    /// one database transaction handles.
+    #[arg(long, env = "ORDERFLOW_PREFETCH", default_value_t = 50)]
+    pub prefetch: u16,
+
+    /// Attempts a message gets (first delivery included) before it is dead-lettered.
+    #[arg(long, env = "ORDERFLOW_RETRY_MAX_ATTEMPTS", default_value_t = 5)]
+    pub retry_max_attempts: u32,
+
+    /// Delay before the first retry; each further retry doubles it (with ±20% jitter).
+    #[arg(long, env = "ORDERFLOW_RETRY_INITIAL_DELAY", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub retry_initial_delay: Duration,
+
+    /// Upper bound of a retry delay.
+    #[arg(long, env = "ORDERFLOW_RETRY_MAX_DELAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub retry_max_delay: Duration,
+
+    /// How many times the broker redelivers a message that was never acknowledged (e.g. the
+    /// process crashed while handling it) before dead-lettering it.
+    #[arg(long, env = "ORDERFLOW_DELIVERY_LIMIT", default_value_t = 20)]
+    pub delivery_limit: u32,
+
+    /// SQLite durability: `full` syncs every commit to disk (survives power loss); `normal`
+    /// survives process crashes only and is faster.
+    #[arg(long, env = "ORDERFLOW_DB_SYNC", value_enum, default_value_t = DbSync::Full)]
+    pub db_sync: DbSync,
+
+    /// How long a graceful shutdown may take before the process exits anyway.
+    #[arg(long, env = "ORDERFLOW_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Fault injection for tests and demos, e.g. `payment:transient:2` (see README). Off by default.
+    #[arg(long, env = "ORDERFLOW_FAULTS", value_delimiter = ',')]
+    pub faults: Vec<crate::fault::Rule>,
+
+    /// Most concurrent `WatchOrder` streams this server serves.
+    #[arg(long, env = "ORDERFLOW_MAX_WATCH_STREAMS", default_value_t = crate::api::DEFAULT_MAX_WATCHES)]
+    pub max_watch_streams: usize,
+
+    /// Log format on stderr.
+    #[arg(long, env = "ORDERFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// SQLite `synchronous` setting (see the `--db-sync` help).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DbSync {
+    /// Sync every commit.
+    Full,
+    /// Sync at checkpoints only.
+    Normal,
+}
+
+/// A validated AMQP URL whose password stays out of `Debug` and `Display`.
+#[derive(Clone)]
+pub struct AmqpUrl {
+    secret: SecretString,
+    redacted: String,
+}
+
+impl AmqpUrl {
+    /// The full URL, password included, for connecting only.
+    pub fn expose(&self) -> &str {
+        self.secret.expose_secret()
+    }
+
+    /// The URL with its password replaced by `***`, safe to log.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+}
+
+impl FromStr for AmqpUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // lapin's parser is the one that will connect, so it decides what is valid. Its error
+        // text never contains the input, so it cannot leak the password.
+        lapin::uri::AMQPUri::from_str(s).map_err(|e| {
+            format!("malformed AMQP URL ({e}); expected amqp://user:password@host:port/vhost")
+        })?;
+        Ok(AmqpUrl {
+            secret: SecretString::from(s.to_owned()),
+            redacted: redact(s),
+        })
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host…` with `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+impl Config {
+    /// Checks what clap's types cannot express. Returns every problem, not just the first.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.services.is_empty() {
+            problems.push("--services: name at least one of order, inventory, payment".to_owned());
+        }
+        let valid_namespace = !self.namespace.is_empty()
+            && self.namespace.len() <= 64
+            && self
+                .namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid_namespace {
+            problems.push(format!(
+                "--namespace `{}`: use 1-64 letters, digits, `-` or `_`",
+                self.namespace
+            ));
+        }
+        if self.payment_limit_cents < 0 {
+            problems.push("--payment-limit-cents: must not be negative".to_owned());
+        }
+        if self.prefetch == 0 {
+            problems.push("--prefetch: must be at least 1".to_owned());
+        }
+        if self.retry_max_attempts == 0 || self.retry_max_attempts > 20 {
+            problems.push("--retry-max-attempts: must be between 1 and 20".to_owned());
+        }
+        if self.retry_initial_delay.is_zero() || self.retry_initial_delay > self.retry_max_delay {
+            problems.push(
+                "--retry-initial-delay: must be above zero and at most --retry-max-delay"
+                    .to_owned(),
+            );
+        }
+        if self.delivery_limit == 0 {
+            problems.push("--delivery-limit: must be at least 1".to_owned());
+        }
+        if let Some(catalog) = &self.catalog {
+            if !catalog.is_file() {
+                problems.push(format!("--catalog {}: no such file", catalog.display()));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The distinct services to run, in saga order.
+    pub fn service_set(&self) -> BTreeSet<Service> {
+        self.services.iter().copied().collect()
+    }
+
+    /// The retry policy every consumer of this process applies.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.retry_max_attempts,
+            initial_delay: self.retry_initial_delay,
+            max_delay: self.retry_max_delay,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("orderflow-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn redacts_password_but_keeps_the_rest() {
+        assert_eq!(
+            redact("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact("amqp://127.0.0.1:5672/%2f"),
+            "amqp://127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://user@host/vhost"), "amqp://user@host/vhost");
+        assert_eq!(
+            redact("amqps://u:p%40ss@h:5671/a@b"),
+            "amqps://u:***@h:5671/a@b"
+        );
+    }
+
+    #[test]
+    fn url_never_shows_its_password() {
+        let url: AmqpUrl = "amqp://svc:hunter2@localhost:5672/%2f".parse().unwrap();
+        assert!(!format!("{url:?} {url}").contains("hunter2"));
+        assert_eq!(url.expose(), "amqp://svc:hunter2@localhost:5672/%2f");
+    }
+
+    #[test]
+    fn malformed_url_is_refused_without_echoing_it() {
+        let err = "amqp://svc:hunter2@localhost:notaport/%2f"
+            .parse::<AmqpUrl>()
+            .unwrap_err();
+        assert!(err.contains("malformed AMQP URL"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(parse(&["--amqp-url", "http://x"]).is_err());
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let cfg = parse(&[
+            "--namespace",
+            "bad name",
+            "--prefetch",
+            "0",
+            "--retry-max-attempts",
+            "0",
+        ])
+        .unwrap();
+        let problems = cfg.validate().unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg = parse(&[]).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.service_set().len(), 3);
+        assert_eq!(cfg.namespace, "orderflow");
+    }
+
+    #[test]
+    fn services_subset() {
+        let cfg = parse(&["--services", "inventory,payment,payment"]).unwrap();
+        assert_eq!(
+            cfg.service_set().into_iter().collect::<Vec<_>>(),
+            vec![Service::Inventory, Service::Payment]
+        );
+    }
+}

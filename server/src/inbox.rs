@@ -1,0 +1,232 @@
+//! Idempotent, transactional message handling: the bridge from `bus::Processor` to a service's
+//! [`Handler`]. A batch of deliveries shares one database transaction; each delivery runs in a
+//! savepoint so one failure does not undo the others. A delivery's id goes into the `inbox`
+//! table in the same transaction as its effects, so a redelivery is recognised and acknowledged
+//! without applying anything twice; the outcome it published then is still in the outbox.
+
+use std::{future::Future, sync::Arc};
+
+use sqlx::{Acquire as _, SqliteConnection, SqlitePool};
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::{
+    bus::{Event, HandleError, Incoming, Processor, propagation},
+    db,
+    fault::Faults,
+    outbox::Outbox,
+    time,
+};
+
+/// Work a handler does for one delivery, inside the batch transaction.
+pub struct Context<'a> {
+    conn: &'a mut SqliteConnection,
+    outbox: &'a Outbox,
+    staged: usize,
+    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl Context<'_> {
+    /// The transaction's connection.
+    pub fn conn(&mut self) -> &mut SqliteConnection {
+        self.conn
+    }
+
+    /// Stages `event` for publishing once the transaction commits.
+    pub async fn publish<E: Event>(&mut self, event: &E) -> Result<String, HandleError> {
+        let id = self
+            .outbox
+            .stage(self.conn, event)
+            .await
+            .map_err(HandleError::transient)?;
+        self.staged += 1;
+        Ok(id)
+    }
+
+    /// Runs `f` after the transaction committed (never if it rolls back).
+    pub fn after_commit(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.after_commit.push(Box::new(f));
+    }
+}
+
+impl std::fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("staged", &self.staged)
+            .field("after_commit", &self.after_commit.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A service's reaction to the messages of one queue.
+pub trait Handler: Send + Sync + 'static {
+    /// Applies the effects of `message` through `cx`. Must not commit; may fail.
+    fn handle(
+        &self,
+        cx: &mut Context<'_>,
+        message: &Incoming,
+    ) -> impl Future<Output = Result<(), HandleError>> + Send;
+}
+
+/// How the inbox recognises a message it has already handled.
+pub type DedupKey = fn(&Incoming) -> Option<String>;
+
+/// The default de-duplication key: the producer's `message_id`.
+pub fn by_message_id(message: &Incoming) -> Option<String> {
+    message.message_id().map(str::to_owned)
+}
+
+/// Processes one queue's batches with a [`Handler`], exactly once per message id.
+#[derive(Debug)]
+pub struct Inbox<H> {
+    pool: SqlitePool,
+    outbox: Outbox,
+    queue: String,
+    handler: Arc<H>,
+    dedup_key: DedupKey,
+    faults: Faults,
+}
+
+impl<H: Handler> Inbox<H> {
+    /// An inbox for `queue`, recording in `pool` and staging events in `outbox`.
+    pub fn new(pool: SqlitePool, outbox: Outbox, queue: String, handler: Arc<H>) -> Self {
+        Inbox {
+            pool,
+            outbox,
+            queue,
+            handler,
+            dedup_key: by_message_id,
+            faults: Faults::default(),
+        }
+    }
+
+    /// Injects `faults` (the crash-after-commit kind; handlers inject the others).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Uses `key` instead of the message id to recognise duplicates.
+    pub fn with_dedup_key(mut self, key: DedupKey) -> Self {
+        self.dedup_key = key;
+        self
+    }
+
+    async fn process_batch(
+        &self,
+        batch: &[Incoming],
+    ) -> Result<Vec<Result<(), HandleError>>, sqlx::Error> {
+        let mut tx = db::begin(&self.pool).await?;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut after_commit = Vec::new();
+        let mut staged = 0;
+        for message in batch {
+            let span = process_span(message, &self.queue, self.outbox.service().service_name());
+            let result = async {
+                let Some(key) = (self.dedup_key)(message) else {
+                    return Err(HandleError::permanent(anyhow::anyhow!(
+                        "message has no message_id, so it cannot be processed exactly once"
+                    )));
+                };
+                let mut savepoint = tx.begin().await.map_err(HandleError::transient)?;
+                let first_time = sqlx::query(
+                    "INSERT INTO inbox (queue, message_id, processed_at) VALUES (?, ?, ?)
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(&self.queue)
+                .bind(&key)
+                .bind(time::now_micros())
+                .execute(&mut *savepoint)
+                .await
+                .map_err(HandleError::transient)?
+                .rows_affected()
+                    == 1;
+                if !first_time {
+                    tracing::debug!(message.id = %key, "Duplicate delivery; effects already committed.");
+                    return Ok(None);
+                }
+                let mut cx =
+                    Context { conn: &mut savepoint, outbox: &self.outbox, staged: 0, after_commit: Vec::new() };
+                match self.handler.handle(&mut cx, message).await {
+                    Ok(()) => {
+                        let Context { staged, after_commit, .. } = cx;
+                        savepoint.commit().await.map_err(HandleError::transient)?;
+                        Ok(Some((staged, after_commit)))
+                    }
+                    Err(error) => {
+                        // Dropping the savepoint rolls back this message's effects only.
+                        drop(savepoint);
+                        Err(error)
+                    }
+                }
+            }
+            .instrument(span.clone())
+            .await;
+            results.push(match result {
+                Ok(Some((n, callbacks))) => {
+                    staged += n;
+                    after_commit.extend(callbacks);
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(error) => {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("error.message", tracing::field::display(&error));
+                    Err(error)
+                }
+            });
+        }
+        tx.commit().await?;
+        if self.faults.crash_after_commit() {
+            tracing::error!("Injected fault: aborting after commit, before publishing.");
+            std::process::abort();
+        }
+        if staged > 0 {
+            self.outbox.wake();
+        }
+        for callback in after_commit {
+            callback();
+        }
+        Ok(results)
+    }
+}
+
+impl<H: Handler> Processor for Inbox<H> {
+    async fn process(&self, batch: &[Incoming]) -> Vec<Result<(), HandleError>> {
+        match self.process_batch(batch).await {
+            Ok(results) => results,
+            // Nothing of the batch was committed: every delivery is retried.
+            Err(error) => {
+                let error = anyhow::Error::new(error).context("database transaction failed");
+                batch
+                    .iter()
+                    .map(|_| Err(HandleError::transient(anyhow::anyhow!("{error:#}"))))
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The CONSUMER span of one delivery, continuing the producer's trace from the headers.
+fn process_span(message: &Incoming, queue: &str, service: &'static str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("process {queue}"),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        error.message = tracing::field::Empty,
+        service.name = service,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %queue,
+        messaging.rabbitmq.destination.routing_key = %message.routing_key(),
+        messaging.message.id = message.message_id().unwrap_or_default(),
+        messaging.message.conversation_id = message.correlation_id().unwrap_or_default(),
+        messaging.message.body.size = message.body().len(),
+        messaging.message.delivery_attempt = message.attempt(),
+        event.type = message.kind().unwrap_or_default(),
+    );
+    let _ = span.set_parent(propagation::extract(message.headers()));
+    span
+}

@@ -1,0 +1,157 @@
+//! Inventory's reactions: reserve stock for a new order (or reject it), release it when the
+//! payment failed. Each outcome is staged in the outbox in the same transaction.
+
+use orderflow_proto::orderflow::v1 as pb;
+use prost::Name as _;
+use tracing::debug;
+
+use super::stock::{self, Decision};
+use crate::{
+    bus::{HandleError, Incoming},
+    fault::Faults,
+    inbox::{Context, Handler},
+    time,
+};
+
+/// Largest number of lines Inventory accepts in one order (the API's limit).
+const MAX_LINES: usize = 100;
+
+/// Handles `OrderCreated` and `PaymentFailed`.
+#[derive(Debug, Clone)]
+pub struct InventoryHandler {
+    faults: Faults,
+}
+
+impl InventoryHandler {
+    /// A handler that injects `faults` (none in production).
+    pub fn new(faults: Faults) -> Self {
+        InventoryHandler { faults }
+    }
+}
+
+impl Handler for InventoryHandler {
+    async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
+        let kind = message.kind().unwrap_or_default();
+        if kind == pb::OrderCreated::full_name() {
+            let event: pb::OrderCreated = message.decode()?;
+            check(&event)?;
+            self.faults.inject(message)?;
+            match stock::reserve(cx.conn(), &event.order_id, &event.items)
+                .await
+                .map_err(HandleError::transient)?
+            {
+                Decision::Reserved { lines, total_cents } => {
+                    cx.publish(&pb::InventoryReserved {
+                        order_id: event.order_id,
+                        items: lines.into_iter().map(Into::into).collect(),
+                        total_cents,
+                        customer_id: event.customer_id,
+                        reserved_at: Some(time::now_timestamp()),
+                    })
+                    .await?;
+                }
+                Decision::Rejected {
+                    reason,
+                    shortfalls,
+                    detail,
+                } => {
+                    cx.publish(&pb::InventoryRejected {
+                        order_id: event.order_id,
+                        reason: reason.into(),
+                        shortfalls,
+                        detail,
+                        rejected_at: Some(time::now_timestamp()),
+                    })
+                    .await?;
+                }
+                Decision::AlreadyDecided => {
+                    debug!(order.id = %event.order_id, "Order already decided; its outcome is in the outbox.");
+                }
+            }
+            Ok(())
+        } else if kind == pb::PaymentFailed::full_name() {
+            let event: pb::PaymentFailed = message.decode()?;
+            self.faults.inject(message)?;
+            if let Some(lines) = stock::release(cx.conn(), &event.order_id)
+                .await
+                .map_err(HandleError::transient)?
+            {
+                cx.publish(&pb::InventoryReleased {
+                    order_id: event.order_id,
+                    items: lines.into_iter().map(Into::into).collect(),
+                    reason: format!("payment failed: {}", event.detail),
+                    released_at: Some(time::now_timestamp()),
+                })
+                .await?;
+            }
+            Ok(())
+        } else {
+            Err(HandleError::permanent(anyhow::anyhow!(
+                "Inventory does not handle message type `{kind}`"
+            )))
+        }
+    }
+}
+
+/// An `OrderCreated` that no retry can make valid is dead-lettered.
+fn check(event: &pb::OrderCreated) -> Result<(), HandleError> {
+    let invalid = |why: String| {
+        Err(HandleError::permanent(anyhow::anyhow!(
+            "invalid OrderCreated: {why}"
+        )))
+    };
+    if event.order_id.is_empty() {
+        return invalid("empty order_id".into());
+    }
+    if event.items.is_empty() || event.items.len() > MAX_LINES {
+        return invalid(format!(
+            "{} lines (expected 1-{MAX_LINES})",
+            event.items.len()
+        ));
+    }
+    let mut skus = std::collections::HashSet::new();
+    for (i, item) in event.items.iter().enumerate() {
+        if item.quantity == 0 {
+            return invalid(format!("items[{i}].quantity is 0"));
+        }
+        if !skus.insert(item.sku.as_str()) {
+            return invalid(format!("items[{i}].sku `{}` appears twice", item.sku));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn created(items: Vec<(&str, u32)>) -> pb::OrderCreated {
+        pb::OrderCreated {
+            order_id: "o-1".into(),
+            customer_id: "c".into(),
+            items: items
+                .into_iter()
+                .map(|(sku, quantity)| pb::OrderLine {
+                    sku: sku.into(),
+                    quantity,
+                })
+                .collect(),
+            created_at: None,
+        }
+    }
+
+    #[test]
+    fn invalid_orders_are_permanent_failures() {
+        for bad in [
+            created(vec![]),
+            created(vec![("A", 0)]),
+            created(vec![("A", 1), ("A", 2)]),
+        ] {
+            assert!(
+                matches!(check(&bad), Err(HandleError::Permanent(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(check(&created(vec![("A", 1), ("B", 2)])).is_ok());
+    }
+}

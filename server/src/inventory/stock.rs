@@ -1,0 +1,302 @@
+//! Stock reservations: all lines of an order or none, decided once per order.
+//!
+//! A reservation decrements `available` with a conditional update (`available >= quantity`), so
+//! stock can never go negative even when several instances reserve the last unit at once.
+
+use std::collections::HashMap;
+
+use orderflow_proto::orderflow::v1 as pb;
+use serde::{Deserialize, Serialize};
+use sqlx::{SqliteConnection, SqlitePool};
+
+use crate::time;
+
+/// One reserved line, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservedLine {
+    /// SKU.
+    pub sku: String,
+    /// Units reserved.
+    pub quantity: u32,
+    /// Price of one unit when reserved.
+    pub unit_price_cents: i64,
+    /// Catalog name when reserved.
+    pub name: String,
+}
+
+impl From<ReservedLine> for pb::ReservedLine {
+    fn from(line: ReservedLine) -> Self {
+        pb::ReservedLine {
+            sku: line.sku,
+            quantity: line.quantity,
+            unit_price_cents: line.unit_price_cents,
+            name: line.name,
+        }
+    }
+}
+
+/// What Inventory decided for an order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Every line is reserved.
+    Reserved {
+        /// The priced lines.
+        lines: Vec<ReservedLine>,
+        /// Sum of quantity × unit price.
+        total_cents: i64,
+    },
+    /// Nothing is reserved.
+    Rejected {
+        /// Unknown SKU wins over insufficient stock.
+        reason: pb::RejectionReason,
+        /// The lines that could not be satisfied.
+        shortfalls: Vec<pb::StockShortfall>,
+        /// Human-readable summary.
+        detail: String,
+    },
+    /// This order was decided before (a redelivery); its outcome is already in the outbox.
+    AlreadyDecided,
+}
+
+/// Reserves `lines` for `order_id`, or records why not.
+pub async fn reserve(
+    conn: &mut SqliteConnection,
+    order_id: &str,
+    lines: &[pb::OrderLine],
+) -> sqlx::Result<Decision> {
+    let decided: Option<(String,)> =
+        sqlx::query_as("SELECT status FROM reservations WHERE order_id = ?")
+            .bind(order_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if decided.is_some() {
+        return Ok(Decision::AlreadyDecided);
+    }
+
+    let mut catalog: HashMap<String, (String, i64, i64)> = HashMap::with_capacity(lines.len());
+    for line in lines {
+        let row: Option<(String, i64, i64)> =
+            sqlx::query_as("SELECT name, price_cents, available FROM stock WHERE sku = ?")
+                .bind(&line.sku)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(row) = row {
+            catalog.insert(line.sku.clone(), row);
+        }
+    }
+
+    let decision = decide(lines, &catalog);
+    let now = time::now_micros();
+    let (status, stored, total) = match &decision {
+        Decision::Reserved {
+            lines: reserved,
+            total_cents,
+        } => {
+            for line in reserved {
+                let updated = sqlx::query("UPDATE stock SET available = available - ?1 WHERE sku = ?2 AND available >= ?1")
+                    .bind(i64::from(line.quantity))
+                    .bind(&line.sku)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                if updated != 1 {
+                    // Someone else took the stock between our read and write (only possible on a
+                    // shared database). Fail the whole message so its savepoint rolls back.
+                    return Err(sqlx::Error::Protocol(format!(
+                        "stock of {} changed concurrently",
+                        line.sku
+                    )));
+                }
+            }
+            ("reserved", reserved.clone(), *total_cents)
+        }
+        Decision::Rejected { .. } => ("rejected", Vec::new(), 0),
+        Decision::AlreadyDecided => unreachable!("decide() never returns AlreadyDecided"),
+    };
+    sqlx::query(
+        "INSERT INTO reservations (order_id, status, lines, total_cents, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(order_id)
+    .bind(status)
+    .bind(serde_json::to_string(&stored).map_err(|e| sqlx::Error::Encode(e.into()))?)
+    .bind(total)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(decision)
+}
+
+/// The decision for `lines` given the catalog rows `(name, price_cents, available)` by SKU.
+pub fn decide(lines: &[pb::OrderLine], catalog: &HashMap<String, (String, i64, i64)>) -> Decision {
+    let unknown: Vec<_> = lines
+        .iter()
+        .filter(|l| !catalog.contains_key(&l.sku))
+        .collect();
+    if !unknown.is_empty() {
+        let skus: Vec<&str> = unknown.iter().map(|l| l.sku.as_str()).collect();
+        return Decision::Rejected {
+            reason: pb::RejectionReason::UnknownSku,
+            shortfalls: unknown
+                .iter()
+                .map(|l| pb::StockShortfall {
+                    sku: l.sku.clone(),
+                    requested: l.quantity,
+                    available: 0,
+                    unknown_sku: true,
+                })
+                .collect(),
+            detail: format!("unknown SKU: {}", skus.join(", ")),
+        };
+    }
+    let short: Vec<pb::StockShortfall> = lines
+        .iter()
+        .filter_map(|l| {
+            let available = catalog[&l.sku].2;
+            (available < i64::from(l.quantity)).then(|| pb::StockShortfall {
+                sku: l.sku.clone(),
+                requested: l.quantity,
+                available: available.clamp(0, i64::from(u32::MAX)) as u32,
+                unknown_sku: false,
+            })
+        })
+        .collect();
+    if !short.is_empty() {
+        let detail = short
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} (requested {}, available {})",
+                    s.sku, s.requested, s.available
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Decision::Rejected {
+            reason: pb::RejectionReason::InsufficientStock,
+            shortfalls: short,
+            detail: format!("insufficient stock: {detail}"),
+        };
+    }
+    let lines: Vec<ReservedLine> = lines
+        .iter()
+        .map(|l| {
+            let (name, price, _) = &catalog[&l.sku];
+            ReservedLine {
+                sku: l.sku.clone(),
+                quantity: l.quantity,
+                unit_price_cents: *price,
+                name: name.clone(),
+            }
+        })
+        .collect();
+    let total_cents = lines
+        .iter()
+        .map(|l| i64::from(l.quantity) * l.unit_price_cents)
+        .sum();
+    Decision::Reserved { lines, total_cents }
+}
+
+/// Returns the stock of a still-held reservation; `None` if there is none to release.
+pub async fn release(
+    conn: &mut SqliteConnection,
+    order_id: &str,
+) -> sqlx::Result<Option<Vec<ReservedLine>>> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT status, lines FROM reservations WHERE order_id = ?")
+            .bind(order_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((status, lines)) = row else {
+        return Ok(None);
+    };
+    if status != "reserved" {
+        return Ok(None);
+    }
+    let lines: Vec<ReservedLine> =
+        serde_json::from_str(&lines).map_err(|e| sqlx::Error::Decode(e.into()))?;
+    for line in &lines {
+        sqlx::query("UPDATE stock SET available = available + ? WHERE sku = ?")
+            .bind(i64::from(line.quantity))
+            .bind(&line.sku)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query("UPDATE reservations SET status = 'released', updated_at = ? WHERE order_id = ?")
+        .bind(time::now_micros())
+        .bind(order_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(Some(lines))
+}
+
+/// Units available of every SKU, for operators and tests.
+pub async fn levels(pool: &SqlitePool) -> sqlx::Result<HashMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT sku, available FROM stock")
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> HashMap<String, (String, i64, i64)> {
+        HashMap::from([
+            ("A".to_owned(), ("Apple".to_owned(), 100, 5)),
+            ("B".to_owned(), ("Bean".to_owned(), 7, 0)),
+        ])
+    }
+
+    fn line(sku: &str, quantity: u32) -> pb::OrderLine {
+        pb::OrderLine {
+            sku: sku.into(),
+            quantity,
+        }
+    }
+
+    #[test]
+    fn reserves_and_prices_every_line() {
+        let Decision::Reserved { lines, total_cents } = decide(&[line("A", 5)], &catalog()) else {
+            panic!()
+        };
+        assert_eq!(total_cents, 500);
+        assert_eq!(lines[0].name, "Apple");
+    }
+
+    #[test]
+    fn short_stock_rejects_everything() {
+        let Decision::Rejected {
+            reason,
+            shortfalls,
+            detail,
+        } = decide(&[line("A", 6), line("B", 1)], &catalog())
+        else {
+            panic!()
+        };
+        assert_eq!(reason, pb::RejectionReason::InsufficientStock);
+        assert_eq!(shortfalls.len(), 2);
+        assert!(detail.contains("A (requested 6, available 5)"), "{detail}");
+    }
+
+    #[test]
+    fn unknown_sku_wins() {
+        let Decision::Rejected {
+            reason, shortfalls, ..
+        } = decide(&[line("A", 99), line("Z", 1)], &catalog())
+        else {
+            panic!()
+        };
+        assert_eq!(reason, pb::RejectionReason::UnknownSku);
+        assert_eq!(
+            shortfalls,
+            vec![pb::StockShortfall {
+                sku: "Z".into(),
+                requested: 1,
+                available: 0,
+                unknown_sku: true
+            }]
+        );
+    }
+}

@@ -1,0 +1,74 @@
+//! `orderflow-server`: parse the configuration, set up telemetry, run the configured services
+//! until SIGINT/SIGTERM, shut down gracefully within the grace period.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use orderflow_server::{app::App, config::Config, shutdown, telemetry};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// EX_USAGE: the configuration is invalid.
+const EXIT_USAGE: u8 = 64;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::try_parse() {
+        Ok(config) => config,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(problems) = config.validate() {
+        eprintln!("error: invalid configuration:\n  {}", problems.join("\n  "));
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if let Err(e) = telemetry::init(config.log_format) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+
+    let grace = config.shutdown_grace;
+    let app = match App::build(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "Start-up failed.");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let mut run = tokio::spawn(app.run(shutdown.clone()));
+    let result = tokio::select! {
+        result = &mut run => result,
+        signal = shutdown::signal_received() => {
+            info!(signal = signal.unwrap_or("signal"), grace = ?grace, "Shutdown requested.");
+            shutdown.cancel();
+            tokio::select! {
+                result = tokio::time::timeout(grace, &mut run) => result.unwrap_or_else(|_| {
+                    warn!(grace = ?grace, "Graceful shutdown timed out; exiting anyway.");
+                    Ok(Ok(()))
+                }),
+                _ = shutdown::signal_received() => {
+                    warn!("Second signal; exiting immediately.");
+                    return ExitCode::from(130);
+                }
+            }
+        }
+    };
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            error!(error = %format!("{e:#}"), "orderflow-server failed.");
+            ExitCode::FAILURE
+        }
+        Err(join) => {
+            error!(error = %join, "orderflow-server panicked.");
+            ExitCode::FAILURE
+        }
+    }
+}

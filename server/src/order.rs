@@ -1,0 +1,112 @@
+//! The Order service: accepts orders (through `api`), persists them with their status history,
+//! and moves them through the saga as Inventory's and Payment's events arrive.
+//!
+//! - [`status`]: the state machine;
+//! - [`store`]: orders in SQLite;
+//! - [`handler`]: reactions to saga events and to dead letters;
+//! - [`watch`]: wake-ups for `WatchOrder` streams, across processes.
+
+pub mod handler;
+pub mod status;
+pub mod store;
+pub mod watch;
+
+use serde::{Deserialize, Serialize};
+use sqlx::migrate::Migrator;
+
+pub use status::Status;
+
+/// The order service's schema.
+pub fn migrations() -> Migrator {
+    crate::db::shared(sqlx::migrate!("./migrations/order"))
+}
+
+/// A validated request for a new order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOrder {
+    /// Who orders.
+    pub customer_id: String,
+    /// At least one line, each SKU once.
+    pub lines: Vec<Line>,
+    /// Client-chosen key making retries safe.
+    pub idempotency_key: Option<String>,
+}
+
+impl NewOrder {
+    /// A canonical text of what was asked, to tell an idempotent retry from a reused key.
+    pub fn digest(&self) -> String {
+        let mut lines: Vec<String> = self
+            .lines
+            .iter()
+            .map(|l| format!("{}={}", l.sku, l.quantity))
+            .collect();
+        lines.sort();
+        lines.join("\n")
+    }
+}
+
+/// One requested line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// Catalog SKU.
+    pub sku: String,
+    /// Units, at least one.
+    pub quantity: u32,
+}
+
+/// One line of a stored order; priced once Inventory reserved it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    /// Catalog SKU.
+    pub sku: String,
+    /// Units.
+    pub quantity: u32,
+    /// Unit price at reservation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_price_cents: Option<i64>,
+    /// Catalog name at reservation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// One status change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Order version after the change (1 for PENDING).
+    pub version: u64,
+    /// New status.
+    pub status: Status,
+    /// Why, for failures.
+    pub reason: String,
+    /// When, in microseconds since the epoch.
+    pub at: i64,
+}
+
+/// An order as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    /// UUIDv7.
+    pub order_id: String,
+    /// Who ordered.
+    pub customer_id: String,
+    /// Lines.
+    pub items: Vec<Item>,
+    /// Known once reserved.
+    pub total_cents: Option<i64>,
+    /// Current status.
+    pub status: Status,
+    /// Version of the current status.
+    pub version: u64,
+    /// Why the order failed, if it did.
+    pub failure_reason: String,
+    /// Payment transaction, once paid.
+    pub transaction_id: Option<String>,
+    /// The key it was placed with.
+    pub idempotency_key: Option<String>,
+    /// Creation time, µs since the epoch.
+    pub created_at: i64,
+    /// Last change, µs since the epoch.
+    pub updated_at: i64,
+    /// Every status change, oldest first (empty in listings).
+    pub history: Vec<Change>,
+}

@@ -1,0 +1,297 @@
+//! Order's reactions to the saga: Inventory's and Payment's outcomes move the order's status
+//! (see [`super::status`]), and a dead-lettered message about an order marks it FAILED so
+//! nobody waits forever.
+
+use orderflow_proto::orderflow::v1 as pb;
+use prost::Name as _;
+use tracing::{debug, info};
+
+use super::{
+    Item, Order,
+    status::{Fact, Status, transitions},
+    store,
+    watch::Hub,
+};
+use crate::{
+    bus::{HandleError, Incoming, topology::header},
+    inbox::{Context, Handler},
+};
+
+/// Applies Inventory's and Payment's events to orders.
+#[derive(Debug, Clone)]
+pub struct SagaHandler {
+    hub: Hub,
+}
+
+impl SagaHandler {
+    /// A handler that rings `hub` after each committed change.
+    pub fn new(hub: Hub) -> Self {
+        SagaHandler { hub }
+    }
+}
+
+impl Handler for SagaHandler {
+    async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
+        let kind = message.kind().unwrap_or_default();
+        if kind == pb::InventoryReserved::full_name() {
+            let event: pb::InventoryReserved = message.decode()?;
+            apply(
+                cx,
+                &self.hub,
+                &event.order_id,
+                Fact::Reserved,
+                "",
+                |order| {
+                    price(order, &event.items, event.total_cents);
+                },
+            )
+            .await
+        } else if kind == pb::InventoryRejected::full_name() {
+            let event: pb::InventoryRejected = message.decode()?;
+            apply(
+                cx,
+                &self.hub,
+                &event.order_id,
+                Fact::Rejected,
+                &event.detail,
+                |_| {},
+            )
+            .await
+        } else if kind == pb::PaymentProcessed::full_name() {
+            let event: pb::PaymentProcessed = message.decode()?;
+            apply(cx, &self.hub, &event.order_id, Fact::Paid, "", |order| {
+                price(order, &event.items, event.amount_cents);
+                order.transaction_id = Some(event.transaction_id.clone());
+            })
+            .await
+        } else if kind == pb::PaymentFailed::full_name() {
+            let event: pb::PaymentFailed = message.decode()?;
+            apply(
+                cx,
+                &self.hub,
+                &event.order_id,
+                Fact::Declined,
+                &event.detail,
+                |order| {
+                    price(order, &event.items, event.amount_cents);
+                },
+            )
+            .await
+        } else {
+            Err(HandleError::permanent(anyhow::anyhow!(
+                "Order does not handle message type `{kind}`"
+            )))
+        }
+    }
+}
+
+/// Marks orders FAILED when a message about them is dead-lettered anywhere in the namespace.
+#[derive(Debug, Clone)]
+pub struct DeadLetterHandler {
+    hub: Hub,
+}
+
+impl DeadLetterHandler {
+    /// A handler that rings `hub` after each committed change.
+    pub fn new(hub: Hub) -> Self {
+        DeadLetterHandler { hub }
+    }
+
+    /// Inbox key of a dead letter: the message id plus when it failed, so the same message
+    /// dead-lettered again after a replay counts again, while a redelivered copy does not.
+    pub fn dedup_key(message: &Incoming) -> Option<String> {
+        let id = message.message_id().unwrap_or("-");
+        let failed_at = message
+            .header_str(header::LAST_FAILURE_AT)
+            .unwrap_or("broker");
+        let count = message.headers().and_then(death_count).unwrap_or(0);
+        Some(format!("dead-letter:{id}:{failed_at}:{count}"))
+    }
+}
+
+impl Handler for DeadLetterHandler {
+    async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
+        let Some(order_id) = message.correlation_id().filter(|id| !id.is_empty()) else {
+            debug!("Dead letter without an order id; nothing to mark.");
+            return Ok(());
+        };
+        let reason = dead_letter_reason(message);
+        apply(cx, &self.hub, order_id, Fact::DeadLettered, &reason, |_| {})
+            .await
+            .or_else(|error| match error {
+                // A dead letter about an order this database does not know (foreign or garbage
+                // correlation id) has nothing to mark.
+                HandleError::Permanent(_) => Ok(()),
+                transient => Err(transient),
+            })
+    }
+}
+
+/// Human-readable reason from the dead letter's headers.
+fn dead_letter_reason(message: &Incoming) -> String {
+    let kind = message.kind().unwrap_or("message");
+    match message.header_str(header::LAST_ERROR) {
+        Some(error) => {
+            let service = message
+                .header_str(header::FAILING_SERVICE)
+                .unwrap_or("a service");
+            let attempts = message.attempt();
+            format!("{service} could not process {kind} after {attempts} attempt(s): {error}")
+        }
+        // Dead-lettered by the broker itself: the delivery limit (a handler that crashed the
+        // process on every attempt) or a rejection.
+        None => {
+            let why = message
+                .header_str("x-first-death-reason")
+                .unwrap_or("unknown");
+            let queue = message
+                .header_str("x-first-death-queue")
+                .unwrap_or("its queue");
+            format!("{kind} was dead-lettered by RabbitMQ from {queue} ({why})")
+        }
+    }
+}
+
+/// Total `count` of the broker's `x-death` entries.
+fn death_count(headers: &lapin::types::FieldTable) -> Option<u64> {
+    let lapin::types::AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    Some(
+        deaths
+            .as_slice()
+            .iter()
+            .filter_map(|d| match d {
+                lapin::types::AMQPValue::FieldTable(t) => {
+                    t.inner().get("count").and_then(crate::bus::message::as_u64)
+                }
+                _ => None,
+            })
+            .sum(),
+    )
+}
+
+/// Moves `order_id` by `fact`, updating its data with `update` when it moves.
+async fn apply(
+    cx: &mut Context<'_>,
+    hub: &Hub,
+    order_id: &str,
+    fact: Fact,
+    reason: &str,
+    update: impl FnOnce(&mut Order),
+) -> Result<(), HandleError> {
+    let Some(mut order) = store::load(cx.conn(), order_id)
+        .await
+        .map_err(HandleError::transient)?
+    else {
+        return Err(HandleError::permanent(anyhow::anyhow!(
+            "unknown order `{order_id}`"
+        )));
+    };
+    let statuses = transitions(order.status, order.total_cents.is_some(), fact);
+    let Some(&last) = statuses.last() else {
+        debug!(order.id = order_id, status = order.status.as_str(), fact = ?fact, "Stale or duplicate fact; order unchanged.");
+        return Ok(());
+    };
+    let from = order.status;
+    update(&mut order);
+    order.failure_reason = if matches!(
+        last,
+        Status::Rejected | Status::PaymentFailed | Status::Failed
+    ) {
+        reason.to_owned()
+    } else {
+        String::new()
+    };
+    let version = store::record(cx.conn(), &order, &statuses, reason)
+        .await
+        .map_err(HandleError::transient)?;
+    info!(
+        target: "orderflow::message",
+        service = "order-service",
+        order.id = order_id,
+        from = from.as_str(),
+        to = last.as_str(),
+        version,
+        "Order status changed."
+    );
+    let hub = hub.clone();
+    let order_id = order_id.to_owned();
+    cx.after_commit(move || hub.notify(&order_id, version));
+    Ok(())
+}
+
+/// Records the reservation's prices on the order's lines, and the total.
+fn price(order: &mut Order, lines: &[pb::ReservedLine], total_cents: i64) {
+    if lines.is_empty() {
+        return;
+    }
+    for item in &mut order.items {
+        if let Some(line) = lines.iter().find(|l| l.sku == item.sku) {
+            *item = Item {
+                sku: item.sku.clone(),
+                quantity: item.quantity,
+                unit_price_cents: Some(line.unit_price_cents),
+                name: Some(line.name.clone()),
+            };
+        }
+    }
+    order.total_cents = Some(total_cents);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order() -> Order {
+        Order {
+            order_id: "o".into(),
+            customer_id: "c".into(),
+            items: vec![
+                Item {
+                    sku: "a".into(),
+                    quantity: 2,
+                    unit_price_cents: None,
+                    name: None,
+                },
+                Item {
+                    sku: "b".into(),
+                    quantity: 1,
+                    unit_price_cents: None,
+                    name: None,
+                },
+            ],
+            total_cents: None,
+            status: Status::Pending,
+            version: 1,
+            failure_reason: String::new(),
+            transaction_id: None,
+            idempotency_key: None,
+            created_at: 0,
+            updated_at: 0,
+            history: vec![],
+        }
+    }
+
+    #[test]
+    fn pricing_fills_lines_and_total() {
+        let mut o = order();
+        let line = |sku: &str, p| pb::ReservedLine {
+            sku: sku.into(),
+            quantity: 1,
+            unit_price_cents: p,
+            name: sku.to_uppercase(),
+        };
+        price(&mut o, &[line("a", 150), line("b", 99)], 399);
+        assert_eq!(o.total_cents, Some(399));
+        assert_eq!(o.items[0].unit_price_cents, Some(150));
+        assert_eq!(o.items[1].name.as_deref(), Some("B"));
+    }
+
+    #[test]
+    fn pricing_without_lines_changes_nothing() {
+        let mut o = order();
+        price(&mut o, &[], 5);
+        assert_eq!(o, order());
+    }
+}

@@ -1,0 +1,346 @@
+//! Order persistence: placing an order (with its `OrderCreated` in the outbox, in one
+//! transaction), reading and listing orders, reading history, and recording transitions.
+
+use orderflow_proto::orderflow::v1 as pb;
+use sqlx::{FromRow, SqliteConnection, SqlitePool};
+
+use super::{Change, Item, NewOrder, Order, Status};
+use crate::{
+    db,
+    outbox::Outbox,
+    time::{self, timestamp},
+};
+
+/// Why placing an order did not create one.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// The idempotency key was used before for a different order.
+    #[error("idempotency key was already used for a different order ({existing})")]
+    KeyReused {
+        /// The order the key belongs to.
+        existing: String,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// What `place` did.
+#[derive(Debug)]
+pub enum Placed {
+    /// A new order was stored.
+    Created(Order),
+    /// The idempotency key matched an existing order, returned as it is now.
+    Existing(Order),
+}
+
+#[derive(Debug, FromRow)]
+struct OrderRow {
+    order_id: String,
+    customer_id: String,
+    items: String,
+    total_cents: Option<i64>,
+    status: String,
+    version: i64,
+    failure_reason: String,
+    transaction_id: Option<String>,
+    idempotency_key: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+#[derive(Debug, FromRow)]
+struct ChangeRow {
+    version: i64,
+    status: String,
+    reason: String,
+    at: i64,
+}
+
+const ORDER_COLUMNS: &str = "order_id, customer_id, items, total_cents, status, version, failure_reason, \
+     transaction_id, idempotency_key, created_at, updated_at";
+
+impl TryFrom<OrderRow> for Order {
+    type Error = sqlx::Error;
+
+    fn try_from(row: OrderRow) -> Result<Self, Self::Error> {
+        let items: Vec<Item> =
+            serde_json::from_str(&row.items).map_err(|e| sqlx::Error::Decode(e.into()))?;
+        Ok(Order {
+            order_id: row.order_id,
+            customer_id: row.customer_id,
+            items,
+            total_cents: row.total_cents,
+            status: parse_status(&row.status)?,
+            version: row.version as u64,
+            failure_reason: row.failure_reason,
+            transaction_id: row.transaction_id,
+            idempotency_key: row.idempotency_key,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            history: Vec::new(),
+        })
+    }
+}
+
+impl TryFrom<ChangeRow> for Change {
+    type Error = sqlx::Error;
+
+    fn try_from(row: ChangeRow) -> Result<Self, Self::Error> {
+        Ok(Change {
+            version: row.version as u64,
+            status: parse_status(&row.status)?,
+            reason: row.reason,
+            at: row.at,
+        })
+    }
+}
+
+fn parse_status(s: &str) -> Result<Status, sqlx::Error> {
+    Status::parse(s)
+        .ok_or_else(|| sqlx::Error::Decode(format!("unknown order status `{s}`").into()))
+}
+
+/// Stores a new order and stages its `OrderCreated`, or returns the order an idempotency key
+/// already names. Returns once both are committed.
+pub async fn place(
+    pool: &SqlitePool,
+    outbox: &Outbox,
+    order: &NewOrder,
+) -> Result<Placed, PlaceError> {
+    let mut tx = db::begin(pool).await?;
+    let digest = order.digest();
+    if let Some(key) = &order.idempotency_key {
+        let existing: Option<(String, String)> = sqlx::query_as(
+            "SELECT order_id, request_digest FROM orders WHERE customer_id = ? AND idempotency_key = ?",
+        )
+        .bind(&order.customer_id)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((order_id, existing_digest)) = existing {
+            drop(tx);
+            if existing_digest != digest {
+                return Err(PlaceError::KeyReused { existing: order_id });
+            }
+            let order = get(pool, &order_id)
+                .await?
+                .ok_or(sqlx::Error::RowNotFound)?;
+            return Ok(Placed::Existing(order));
+        }
+    }
+
+    let now = time::now_micros();
+    let order_id = uuid::Uuid::now_v7().to_string();
+    let items: Vec<Item> = order
+        .lines
+        .iter()
+        .map(|l| Item {
+            sku: l.sku.clone(),
+            quantity: l.quantity,
+            unit_price_cents: None,
+            name: None,
+        })
+        .collect();
+    let items_json = serde_json::to_string(&items).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    sqlx::query(
+        "INSERT INTO orders (order_id, customer_id, items, status, version, idempotency_key, request_digest, created_at, updated_at)
+         VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)",
+    )
+    .bind(&order_id)
+    .bind(&order.customer_id)
+    .bind(&items_json)
+    .bind(Status::Pending.as_str())
+    .bind(&order.idempotency_key)
+    .bind(&digest)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    insert_change(&mut tx, &order_id, 1, Status::Pending, "", now).await?;
+
+    let event = pb::OrderCreated {
+        order_id: order_id.clone(),
+        customer_id: order.customer_id.clone(),
+        items: order
+            .lines
+            .iter()
+            .map(|l| pb::OrderLine {
+                sku: l.sku.clone(),
+                quantity: l.quantity,
+            })
+            .collect(),
+        created_at: Some(timestamp(now)),
+    };
+    outbox.stage(&mut tx, &event).await?;
+    tx.commit().await?;
+    outbox.wake();
+
+    Ok(Placed::Created(Order {
+        order_id,
+        customer_id: order.customer_id.clone(),
+        items,
+        total_cents: None,
+        status: Status::Pending,
+        version: 1,
+        failure_reason: String::new(),
+        transaction_id: None,
+        idempotency_key: order.idempotency_key.clone(),
+        created_at: now,
+        updated_at: now,
+        history: vec![Change {
+            version: 1,
+            status: Status::Pending,
+            reason: String::new(),
+            at: now,
+        }],
+    }))
+}
+
+/// One order with its full history.
+pub async fn get(pool: &SqlitePool, order_id: &str) -> sqlx::Result<Option<Order>> {
+    let mut conn = pool.acquire().await?;
+    let Some(mut order) = load(&mut conn, order_id).await? else {
+        return Ok(None);
+    };
+    order.history = history_after(&mut conn, order_id, 0).await?;
+    Ok(Some(order))
+}
+
+/// One order without history, on the caller's connection (e.g. inside a transaction).
+pub async fn load(conn: &mut SqliteConnection, order_id: &str) -> sqlx::Result<Option<Order>> {
+    let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ?");
+    let row: Option<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(order_id)
+        .fetch_optional(conn)
+        .await?;
+    row.map(Order::try_from).transpose()
+}
+
+/// Status changes of an order with a version above `after`, oldest first.
+pub async fn history_after(
+    conn: &mut SqliteConnection,
+    order_id: &str,
+    after: u64,
+) -> sqlx::Result<Vec<Change>> {
+    let rows: Vec<ChangeRow> = sqlx::query_as(
+        "SELECT version, status, reason, at FROM order_history WHERE order_id = ? AND version > ? ORDER BY version",
+    )
+    .bind(order_id)
+    .bind(after as i64)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(Change::try_from).collect()
+}
+
+/// A page of orders, newest first: those older than `before` (an order id), optionally of
+/// one customer. Asks for one extra row to know whether another page exists.
+pub async fn list(
+    pool: &SqlitePool,
+    customer_id: Option<&str>,
+    before: Option<&str>,
+    limit: u32,
+) -> sqlx::Result<(Vec<Order>, bool)> {
+    let sql = format!(
+        "SELECT {ORDER_COLUMNS} FROM orders
+         WHERE (?1 IS NULL OR customer_id = ?1) AND (?2 IS NULL OR order_id < ?2)
+         ORDER BY order_id DESC LIMIT ?3"
+    );
+    let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(customer_id)
+        .bind(before)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(pool)
+        .await?;
+    let more = rows.len() > limit as usize;
+    let orders = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(Order::try_from)
+        .collect::<Result<_, _>>()?;
+    Ok((orders, more))
+}
+
+/// Writes the order's new state and appends one history row per status in `statuses`.
+/// Returns the final version.
+pub async fn record(
+    conn: &mut SqliteConnection,
+    order: &Order,
+    statuses: &[Status],
+    reason: &str,
+) -> sqlx::Result<u64> {
+    let now = time::now_micros();
+    let mut version = order.version;
+    for status in statuses {
+        version += 1;
+        let reason = if status.is_terminal() && *status != Status::Completed {
+            reason
+        } else {
+            ""
+        };
+        insert_change(conn, &order.order_id, version, *status, reason, now).await?;
+    }
+    let items = serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let status = statuses.last().copied().unwrap_or(order.status);
+    sqlx::query(
+        "UPDATE orders SET items = ?, total_cents = ?, status = ?, version = ?, failure_reason = ?,
+                transaction_id = ?, updated_at = ?
+         WHERE order_id = ?",
+    )
+    .bind(items)
+    .bind(order.total_cents)
+    .bind(status.as_str())
+    .bind(version as i64)
+    .bind(&order.failure_reason)
+    .bind(&order.transaction_id)
+    .bind(now)
+    .bind(&order.order_id)
+    .execute(conn)
+    .await?;
+    Ok(version)
+}
+
+async fn insert_change(
+    conn: &mut SqliteConnection,
+    order_id: &str,
+    version: u64,
+    status: Status,
+    reason: &str,
+    at: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO order_history (order_id, version, status, reason, at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(order_id)
+    .bind(version as i64)
+    .bind(status.as_str())
+    .bind(reason)
+    .bind(at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Changes recorded after `seq` (any order), for following changes made by other processes.
+pub async fn changes_since(
+    pool: &SqlitePool,
+    seq: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<(i64, String, u64)>> {
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+        "SELECT seq, order_id, version FROM order_history WHERE seq > ? ORDER BY seq LIMIT ?",
+    )
+    .bind(seq)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(s, o, v)| (s, o, v as u64)).collect())
+}
+
+/// The newest history `seq`, 0 for none.
+pub async fn last_change_seq(pool: &SqlitePool) -> sqlx::Result<i64> {
+    let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM order_history")
+        .fetch_one(pool)
+        .await?;
+    Ok(seq.unwrap_or(0))
+}

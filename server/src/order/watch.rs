@@ -1,0 +1,172 @@
+//! Wake-ups for `WatchOrder` streams. The database is the truth; the hub only says "order X
+//! may have changed, look again". Changes committed in this process ring the bell right after
+//! commit; changes committed by another process sharing the database are picked up by
+//! [`Hub::follow`], which tails the global `order_history.seq`.
+//!
+//! Watchers register before they first read, so no change can fall between read and wait.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use sqlx::SqlitePool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::store;
+
+/// How often changes made by other processes are looked for.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+const FOLLOW_BATCH: i64 = 1000;
+
+/// Registry of watched orders. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Hub {
+    watched: Arc<Mutex<HashMap<String, Watched>>>,
+}
+
+#[derive(Debug)]
+struct Watched {
+    bell: watch::Sender<u64>,
+    watchers: usize,
+}
+
+/// One watcher's registration; unregisters on drop.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Hub,
+    order_id: String,
+    bell: watch::Receiver<u64>,
+}
+
+impl Subscription {
+    /// Resolves when the order may have changed since the last call.
+    pub async fn changed(&mut self) {
+        // The sender lives as long as any subscription to this order, including this one.
+        let _ = self.bell.changed().await;
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut watched = self.hub.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = watched.get_mut(&self.order_id) {
+            entry.watchers -= 1;
+            if entry.watchers == 0 {
+                watched.remove(&self.order_id);
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// Registers interest in `order_id`.
+    pub fn subscribe(&self, order_id: &str) -> Subscription {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = watched
+            .entry(order_id.to_owned())
+            .or_insert_with(|| Watched {
+                bell: watch::Sender::new(0),
+                watchers: 0,
+            });
+        entry.watchers += 1;
+        let mut bell = entry.bell.subscribe();
+        bell.mark_unchanged();
+        Subscription {
+            hub: self.clone(),
+            order_id: order_id.to_owned(),
+            bell,
+        }
+    }
+
+    /// Rings for `order_id`, which reached `version`.
+    pub fn notify(&self, order_id: &str, version: u64) {
+        let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = watched.get(order_id) {
+            entry.bell.send_replace(version);
+        }
+    }
+
+    /// Number of orders being watched.
+    pub fn watched(&self) -> usize {
+        self.watched.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Follows changes committed by any process sharing `pool` until `shutdown`.
+    pub async fn follow(self, pool: SqlitePool, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut cursor = store::last_change_seq(&pool).await?;
+        let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            if self.watched() == 0 {
+                // Nobody to wake: skip ahead instead of reading every change.
+                match store::last_change_seq(&pool).await {
+                    Ok(seq) => cursor = seq,
+                    Err(error) => warn!(error = %error, "Reading the order history failed."),
+                }
+                continue;
+            }
+            match store::changes_since(&pool, cursor, FOLLOW_BATCH).await {
+                Ok(changes) => {
+                    for (seq, order_id, version) in changes {
+                        cursor = seq;
+                        self.notify(&order_id, version);
+                    }
+                }
+                Err(error) => warn!(error = %error, "Reading the order history failed."),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn notifies_only_subscribers_of_that_order() {
+        let hub = Hub::default();
+        let mut a = hub.subscribe("a");
+        let mut b = hub.subscribe("b");
+        hub.notify("a", 2);
+        tokio::time::timeout(Duration::from_secs(1), a.changed())
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), b.changed())
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_ring_before_waiting_is_not_lost() {
+        let hub = Hub::default();
+        let mut a = hub.subscribe("a");
+        hub.notify("a", 2);
+        hub.notify("a", 3);
+        tokio::time::timeout(Duration::from_secs(1), a.changed())
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn unregisters_on_drop() {
+        let hub = Hub::default();
+        let a1 = hub.subscribe("a");
+        let a2 = hub.subscribe("a");
+        assert_eq!(hub.watched(), 1);
+        drop(a1);
+        assert_eq!(hub.watched(), 1);
+        drop(a2);
+        assert_eq!(hub.watched(), 0);
+        hub.notify("a", 1); // nobody listening: no effect, no panic
+    }
+}

@@ -1,0 +1,84 @@
+//! Transactional outbox. A service stages the events its state change causes with
+//! [`Outbox::stage`], on the same connection and in the same transaction as the change, so
+//! either both are committed or neither. The [`relay`] publishes committed rows with publisher
+//! confirms and deletes them; a crash between commit and publish only delays the publish until
+//! the relay runs again, and nothing that was rolled back is ever published.
+
+pub mod relay;
+
+use std::sync::Arc;
+
+use sqlx::SqliteConnection;
+use tokio::sync::Notify;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::{
+    bus::{Event, propagation},
+    service::Service,
+    time,
+};
+
+/// A service's outbox: where it stages events, and the bell that wakes its relay.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    service: Service,
+    wake: Notify,
+}
+
+impl Outbox {
+    /// The outbox of `service`.
+    pub fn new(service: Service) -> Self {
+        Outbox {
+            inner: Arc::new(Inner {
+                service,
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    /// The service whose events these are.
+    pub fn service(&self) -> Service {
+        self.inner.service
+    }
+
+    /// Stages `event` in the caller's transaction; returns its message id. The current span's
+    /// trace context is stored with it so the publish continues the trace.
+    pub async fn stage<E: Event>(
+        &self,
+        conn: &mut SqliteConnection,
+        event: &E,
+    ) -> sqlx::Result<String> {
+        let message_id = uuid::Uuid::now_v7().to_string();
+        let trace = propagation::to_map(&tracing::Span::current().context());
+        let trace = serde_json::to_string(&trace).unwrap_or_else(|_| "{}".to_owned());
+        sqlx::query(
+            "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&message_id)
+        .bind(E::ROUTING_KEY)
+        .bind(E::full_name())
+        .bind(event.order_id())
+        .bind(event.encode_to_vec())
+        .bind(trace)
+        .bind(time::now_micros())
+        .execute(conn)
+        .await?;
+        Ok(message_id)
+    }
+
+    /// Wakes the relay after a commit that staged events. A wake with nobody waiting is kept,
+    /// so a commit racing the relay's last look is never missed.
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    async fn woken(&self) {
+        self.inner.wake.notified().await;
+    }
+}
