@@ -101,6 +101,16 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_MAX_WATCH_STREAMS", default_value_t = crate::api::DEFAULT_MAX_WATCHES)]
     pub max_watch_streams: usize,
 
+    /// OTLP/gRPC collector for traces (e.g. Jaeger's `http://localhost:4317`); traces are not
+    /// exported when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Service name reported to the collector when this process runs a single service. In the
+    /// all-in-one process each service reports under its own name regardless.
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+
     /// Log format on stderr.
     #[arg(long, env = "ORDERFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -238,6 +248,17 @@ impl Config {
     /// The distinct services to run, in saga order.
     pub fn service_set(&self) -> BTreeSet<Service> {
         self.services.iter().copied().collect()
+    }
+
+    /// What telemetry needs from the configuration.
+    pub fn telemetry(&self) -> crate::telemetry::Settings {
+        crate::telemetry::Settings {
+            log_format: self.log_format,
+            log_filter: None,
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            service_name: self.otel_service_name.clone(),
+            services: self.service_set().into_iter().collect(),
+        }
     }
 
     /// The retry policy every consumer of this process applies.

@@ -28,16 +28,20 @@ async fn main() -> ExitCode {
         eprintln!("error: invalid configuration:\n  {}", problems.join("\n  "));
         return ExitCode::from(EXIT_USAGE);
     }
-    if let Err(e) = telemetry::init(config.log_format) {
-        eprintln!("error: {e:#}");
-        return ExitCode::FAILURE;
-    }
+    let telemetry = match telemetry::init(&config.telemetry()) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let grace = config.shutdown_grace;
     let app = match App::build(config).await {
         Ok(app) => app,
         Err(e) => {
             error!(error = %format!("{e:#}"), "Start-up failed.");
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             return ExitCode::FAILURE;
         }
     };
@@ -60,6 +64,8 @@ async fn main() -> ExitCode {
             }
         }
     };
+    // Flush traces last, off the runtime threads (the flush blocks).
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {

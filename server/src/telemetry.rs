@@ -1,35 +1,135 @@
-//! Logging and tracing setup: a `tracing` subscriber writing human or JSON lines to stderr,
-//! filtered by `RUST_LOG`, and the W3C trace-context propagator that carries traces through
-//! gRPC metadata and AMQP headers.
+//! Logging and tracing: a `tracing` subscriber that writes human or JSON lines to stderr
+//! (filtered by `RUST_LOG`, each line carrying its trace and span id) and exports spans over
+//! OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; W3C trace context and baggage are
+//! propagated through gRPC metadata and AMQP headers either way.
+//!
+//! Standard variables are honoured: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` (resource),
+//! `OTEL_TRACES_SAMPLER(_ARG)` (sampling), `OTEL_BSP_*` (batching). Export runs on the SDK's
+//! own thread with a bounded queue: a slow or absent collector costs dropped spans, never latency.
+
+pub mod export;
+mod format;
 
 use anyhow::Context as _;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+use opentelemetry::{global, propagation::TextMapCompositePropagator, trace::TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::{
+    Resource,
+    propagation::{BaggagePropagator, TraceContextPropagator},
+    trace::SdkTracerProvider,
+};
+use tracing::Level;
+use tracing_subscriber::{
+    EnvFilter, Layer as _, filter::Targets, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+};
 
-use crate::config::LogFormat;
+use self::export::ServiceRouter;
+use crate::{config::LogFormat, service::Service};
 
-/// Default filter when `RUST_LOG` is unset: lifecycle events of orderflow, warnings elsewhere.
-const DEFAULT_FILTER: &str = "warn,orderflow_server=info";
+/// Default filter when `RUST_LOG` is unset: lifecycle events, one line per message handled or
+/// published (`orderflow::message`), warnings from everything else.
+pub const DEFAULT_FILTER: &str = "warn,orderflow_server=info,orderflow=info";
 
-/// Installs the global subscriber and propagator. Call once, inside the Tokio runtime.
-pub fn init(format: LogFormat) -> anyhow::Result<()> {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
+/// How long an OTLP export may take before it is abandoned.
+const EXPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What telemetry needs to know.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Log filter (`RUST_LOG` syntax); [`DEFAULT_FILTER`] when `None`.
+    pub log_filter: Option<String>,
+    /// OTLP/gRPC collector, e.g. `http://localhost:4317`; no export when `None`.
+    pub otlp_endpoint: Option<String>,
+    /// `OTEL_SERVICE_NAME`, if set.
+    pub service_name: Option<String>,
+    /// The services this process runs.
+    pub services: Vec<Service>,
+}
+
+/// Keeps the tracer provider; [`Telemetry::shutdown`] flushes what is still queued.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    /// Exports queued spans and stops the exporter. Blocks: call from a blocking thread.
+    pub fn shutdown(&self) {
+        if let Err(error) = self.provider.shutdown() {
+            eprintln!("warning: flushing traces at shutdown failed: {error}");
+        }
     }
-    .context("installing the tracing subscriber")
+}
+
+/// Installs the global propagator, tracer provider and subscriber. Call once, inside the Tokio
+/// runtime (the OTLP exporter's connection lives on it).
+pub fn init(settings: &Settings) -> anyhow::Result<Telemetry> {
+    global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ]));
+    let provider = provider(settings)?;
+    global::set_tracer_provider(provider.clone());
+    let tracer = provider.tracer("orderflow-server");
+
+    let log_filter = match &settings.log_filter {
+        Some(filter) => EnvFilter::try_new(filter).context("invalid log filter")?,
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+        }
+    };
+    // Spans are exported independently of the log filter (RUST_LOG=warn must not break traces),
+    // and only orderflow's own: library internals would drown the saga.
+    let trace_filter = Targets::new().with_target("orderflow_server", Level::INFO);
+    let traces = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_error_records_to_exceptions(true)
+        .with_filter(trace_filter);
+    let logs = match settings.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .event_format(format::Text)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .event_format(format::Json)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(traces)
+        .with(logs.with_filter(log_filter))
+        .try_init()
+        .context("installing the tracing subscriber")?;
+    Ok(Telemetry { provider })
+}
+
+fn provider(settings: &Settings) -> anyhow::Result<SdkTracerProvider> {
+    // Resource::builder reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
+    let builder = SdkTracerProvider::builder().with_resource(Resource::builder().build());
+    let Some(endpoint) = &settings.otlp_endpoint else {
+        // Still a real provider: spans get ids, so trace context propagates without a collector.
+        return Ok(builder.build());
+    };
+    let single = settings.services.len() == 1 && settings.service_name.is_some();
+    let default_name = settings
+        .service_name
+        .clone()
+        .unwrap_or_else(|| "orderflow-server".to_owned());
+    let names = std::iter::once(default_name)
+        .chain(Service::ALL.iter().map(|s| s.service_name().to_owned()));
+    let mut routes = Vec::new();
+    for name in names {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .context("building the OTLP exporter")?;
+        routes.push((name, exporter));
+    }
+    Ok(builder
+        .with_batch_exporter(ServiceRouter::new(routes, single))
+        .build())
 }
