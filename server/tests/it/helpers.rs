@@ -1,0 +1,360 @@
+//! Test harness: a real app per test (its own namespace, data directory and port) talking to
+//! the real broker, plus a raw AMQP connection for looking at the wire.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::LazyLock,
+    time::Duration,
+};
+
+use clap::Parser as _;
+use lapin::{Connection, ConnectionProperties};
+use orderflow_proto::orderflow::v1::{self as pb, order_service_client::OrderServiceClient};
+use orderflow_server::{app::App, bus::Topology, config::Config, service::Service};
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// The broker tests use: `AMQP_URL` if set, else the local default.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Deadline for anything a test waits for.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Telemetry as the server sets it up, once per test binary; logs only with `TEST_LOG` set.
+static TRACING: LazyLock<()> = LazyLock::new(|| {
+    let settings = orderflow_server::telemetry::Settings {
+        log_format: orderflow_server::config::LogFormat::Text,
+        log_filter: Some(if std::env::var_os("TEST_LOG").is_some() {
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned())
+        } else {
+            "off".to_owned()
+        }),
+        otlp_endpoint: None,
+        service_name: None,
+        services: Service::ALL.to_vec(),
+    };
+    // Kept for the whole run: the provider must outlive every test.
+    std::mem::forget(orderflow_server::telemetry::init(&settings).expect("telemetry initialises"));
+});
+
+/// Connects to the broker or fails the test with instructions; never skips.
+pub async fn raw_connection() -> Connection {
+    let url = amqp_url();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => panic!(
+            "RabbitMQ is not reachable ({error}). These tests need a real broker on 127.0.0.1:5672 \
+             (guest/guest) or at AMQP_URL: start it with `rabbitmq-server -detached` \
+             (then `rabbitmqctl await_startup`)."
+        ),
+        Err(_) => {
+            panic!("RabbitMQ did not answer within 10s. Start it with `rabbitmq-server -detached`.")
+        }
+    }
+}
+
+/// A fresh namespace no other test uses.
+pub fn unique_namespace() -> String {
+    format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A config for a test app: its own namespace, data dir and an ephemeral port.
+pub fn test_config(namespace: &str, data_dir: &Path) -> Config {
+    Config::try_parse_from([
+        "orderflow-server",
+        "--amqp-url",
+        &amqp_url(),
+        "--namespace",
+        namespace,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir.to_str().expect("utf-8 temp dir"),
+        "--retry-initial-delay",
+        "50ms",
+        "--retry-max-delay",
+        "1s",
+    ])
+    .expect("test config parses")
+}
+
+/// One running app and what a test needs to talk to it.
+#[derive(Debug)]
+pub struct TestApp {
+    /// Where its gRPC server listens.
+    pub addr: SocketAddr,
+    /// Its namespace on the broker.
+    pub namespace: String,
+    /// Its config (to restart it identically).
+    pub config: Config,
+    /// A gRPC client connected to it.
+    pub client: OrderServiceClient<Channel>,
+    data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    cleanup: bool,
+}
+
+/// Starts an app with the default test config.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts an app after `adjust` changed its test config.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    LazyLock::force(&TRACING);
+    raw_connection().await.close(200, "ok".into()).await.ok();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let namespace = unique_namespace();
+    let mut config = test_config(&namespace, dir.path());
+    adjust(&mut config);
+    let mut app = start(config, dir.path().to_owned()).await;
+    app._dir = Some(dir);
+    app
+}
+
+async fn start(config: Config, data_dir: PathBuf) -> TestApp {
+    let app = App::build(config.clone()).await.expect("app builds");
+    let addr = app.grpc_addr();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(app.run(shutdown.clone()));
+    let client = connect(addr).await;
+    let test_app = TestApp {
+        addr,
+        namespace: config.namespace.clone(),
+        config,
+        client,
+        data_dir,
+        _dir: None,
+        shutdown,
+        handle: Some(handle),
+        cleanup: true,
+    };
+    test_app.wait_serving().await;
+    test_app
+}
+
+/// A gRPC client for `addr`.
+pub async fn connect(addr: SocketAddr) -> OrderServiceClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect()
+        .await
+        .expect("connects");
+    OrderServiceClient::new(channel)
+}
+
+impl TestApp {
+    /// Waits until the health service reports SERVING (every broker connection up).
+    pub async fn wait_serving(&self) {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().status);
+            if status.as_ref().ok()
+                == Some(&(tonic_health::pb::health_check_response::ServingStatus::Serving as i32))
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "app never became SERVING: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the app gracefully and waits for it, keeping its data and namespace.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(WAIT, handle)
+                .await
+                .expect("stops in time")
+                .expect("no panic")
+                .expect("clean exit");
+        }
+    }
+
+    /// Stops the app and starts it again on the same data and namespace (new port).
+    pub async fn restart(mut self) -> TestApp {
+        self.stop().await;
+        self.cleanup = false;
+        let mut config = self.config.clone();
+        config.grpc_addr = "127.0.0.1:0".parse().unwrap();
+        let mut next = start(config, self.data_dir.clone()).await;
+        next._dir = self._dir.take();
+        next
+    }
+
+    /// The topology of this app's namespace.
+    pub fn topology(&self) -> Topology {
+        Topology::new(
+            self.namespace.clone(),
+            self.config.retry_max_attempts.saturating_sub(1),
+            self.config.delivery_limit,
+        )
+    }
+
+    /// The database file of `service`.
+    pub fn db_path(&self, service: Service) -> PathBuf {
+        self.data_dir.join(format!("{}.db", service.as_str()))
+    }
+
+    /// Units available per SKU, read from Inventory's database file.
+    pub async fn stock(&self) -> HashMap<String, i64> {
+        let pool = sqlx::SqlitePool::connect(&format!(
+            "sqlite://{}",
+            self.db_path(Service::Inventory).display()
+        ))
+        .await
+        .expect("inventory db opens");
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT sku, available FROM stock")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        rows.into_iter().collect()
+    }
+
+    /// Places an order and returns it.
+    pub async fn place(&self, customer: &str, items: &[(&str, u32)]) -> pb::Order {
+        self.client
+            .clone()
+            .place_order(order_request(customer, items))
+            .await
+            .expect("PlaceOrder succeeds")
+            .into_inner()
+    }
+
+    /// Watches `order_id` from the start of its history until the stream ends.
+    pub async fn watch_all(&self, order_id: &str) -> Vec<pb::OrderUpdate> {
+        self.watch_from(order_id, Some(0)).await
+    }
+
+    /// Watches `order_id` (after `resume_after`, if given) until the stream ends.
+    pub async fn watch_from(
+        &self,
+        order_id: &str,
+        resume_after: Option<u64>,
+    ) -> Vec<pb::OrderUpdate> {
+        let request = pb::WatchOrderRequest {
+            order_id: order_id.to_owned(),
+            resume_after_version: resume_after,
+        };
+        let mut stream = self
+            .client
+            .clone()
+            .watch_order(request)
+            .await
+            .expect("WatchOrder starts")
+            .into_inner();
+        let mut updates = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, stream.next())
+                .await
+                .expect("watch stream ended in time")
+            {
+                Some(Ok(update)) => updates.push(update),
+                Some(Err(status)) => panic!("watch stream failed: {status}"),
+                None => return updates,
+            }
+        }
+    }
+
+    /// Waits for the order to reach a terminal status; returns it.
+    pub async fn terminal(&self, order_id: &str) -> pb::Order {
+        let updates = self.watch_from(order_id, None).await;
+        assert!(
+            updates.last().is_some_and(|u| u.terminal),
+            "no terminal update: {updates:?}"
+        );
+        self.get(order_id).await
+    }
+
+    /// GetOrder.
+    pub async fn get(&self, order_id: &str) -> pb::Order {
+        self.client
+            .clone()
+            .get_order(pb::GetOrderRequest {
+                order_id: order_id.to_owned(),
+            })
+            .await
+            .expect("GetOrder succeeds")
+            .into_inner()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if !self.cleanup {
+            return;
+        }
+        // Delete this test's queues and exchanges so repeated runs leave the broker clean.
+        // Drop cannot await, so a helper thread with its own runtime does it.
+        let topology = self.topology();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                if let Ok(Ok(conn)) = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()),
+                )
+                .await
+                {
+                    if let Ok(channel) = conn.create_channel().await {
+                        let _ = topology.delete(&channel).await;
+                    }
+                    let _ = conn.close(200, "cleanup".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A PlaceOrder request.
+pub fn order_request(customer: &str, items: &[(&str, u32)]) -> pb::PlaceOrderRequest {
+    pb::PlaceOrderRequest {
+        customer_id: customer.to_owned(),
+        items: items
+            .iter()
+            .map(|(sku, quantity)| pb::OrderItem {
+                sku: (*sku).to_owned(),
+                quantity: *quantity,
+            })
+            .collect(),
+        idempotency_key: None,
+    }
+}
+
+/// The statuses of `updates`, in order.
+pub fn statuses(updates: &[pb::OrderUpdate]) -> Vec<pb::OrderStatus> {
+    updates.iter().map(|u| u.status()).collect()
+}

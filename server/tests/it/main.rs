@@ -1,0 +1,12 @@
+//! Integration tests against the real RabbitMQ on 127.0.0.1:5672 (or `AMQP_URL`).
+//!
+//! One test binary; each module is one concern. Every test runs its own app with its own
+//! namespace, data directory and gRPC port, so tests run in parallel without cross-talk.
+
+mod helpers;
+
+mod otlp;
+mod place_order;
+mod saga;
+mod watch_order;
+mod wire;
