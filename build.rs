@@ -8,6 +8,7 @@ use prost::Message as _;
 const PROTOS: &[&str] = &[
     "proto/orderflow/v1/orders.proto",
     "proto/orderflow/v1/events.proto",
+    "proto/orderflow/v1/dead_letters.proto",
 ];
 const INCLUDES: &[&str] = &["proto"];
 

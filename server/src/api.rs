@@ -1,7 +1,9 @@
-//! The gRPC server: `orderflow.v1.OrderService` (where the order service runs), the standard
+//! The gRPC server: `orderflow.v1.OrderService` and `orderflow.v1.DeadLetters` (where the order
+//! service runs), the standard
 //! `grpc.health.v1.Health` service and server reflection, so `grpcurl` works with no .proto
 //! files. This module and its children are the only place tonic server types appear.
 
+mod dead_letters;
 mod error;
 pub mod request;
 mod response;
@@ -12,7 +14,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use opentelemetry::global;
-use orderflow_proto::orderflow::v1::order_service_server::OrderServiceServer;
+use orderflow_proto::orderflow::v1::{
+    dead_letters_server::DeadLettersServer, order_service_server::OrderServiceServer,
+};
 use sqlx::SqlitePool;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -21,6 +25,7 @@ use tonic::transport::Server;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+pub use dead_letters::DeadLetterApi;
 pub use error::{Error, Violation};
 
 use crate::{order::watch::Hub, outbox::Outbox};
@@ -64,10 +69,11 @@ impl OrderApi {
 }
 
 /// Serves gRPC on `listener` until `shutdown`: health and reflection always, `OrderService`
-/// when `orders` is given.
+/// and `DeadLetters` when given (where the order service runs).
 pub async fn serve(
     listener: TcpListener,
     orders: Option<OrderApi>,
+    dead_letters: Option<DeadLetterApi>,
     health: HealthServer<impl Health>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -82,6 +88,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_optional_service(orders.map(OrderServiceServer::new))
+        .add_optional_service(dead_letters.map(DeadLettersServer::new))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await
         .context("gRPC server failed")

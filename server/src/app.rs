@@ -15,8 +15,10 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{error, info};
 
 use crate::{
-    api::{self, OrderApi},
-    bus::{Broker, Consumer, Publisher, Topology, topology::QueueNames},
+    api::{self, DeadLetterApi, OrderApi},
+    bus::{
+        Broker, Consumer, Publisher, Topology, dead_letters::DeadLetterQueues, topology::QueueNames,
+    },
     config::Config,
     db,
     fault::Faults,
@@ -116,6 +118,7 @@ impl App {
         let streams = TaskTracker::new();
         let mut brokers = Vec::new();
         let mut order_api = None;
+        let mut dead_letter_api = None;
 
         for (service, pool) in pools {
             let broker = Broker::new(
@@ -175,6 +178,10 @@ impl App {
                         intake.clone(),
                         config.max_watch_streams,
                     ));
+                    dead_letter_api = Some(DeadLetterApi::new(
+                        DeadLetterQueues::new(wiring.broker.clone()),
+                        topology.clone(),
+                    ));
                 }
                 Service::Inventory => {
                     let added = catalog::seed(&pool, &catalog)
@@ -220,6 +227,7 @@ impl App {
         intake_tasks.spawn(api::serve(
             listener,
             order_api,
+            dead_letter_api,
             health_service,
             intake.clone(),
         ));

@@ -4,12 +4,14 @@
 //! - [`Broker`]: the supervised, self-healing connection;
 //! - [`Publisher`]: confirmed, mandatory publishing;
 //! - [`Consumer`]: the consume loop and the one place deliveries are settled;
+//! - [`dead_letters`]: inspecting, replaying and purging dead-letter queues;
 //! - [`propagation`]: trace context in message headers.
 //!
 //! Services see only [`Event`]s, [`Incoming`] messages and [`HandleError`]s.
 
 mod broker;
 mod consumer;
+pub mod dead_letters;
 mod event;
 pub mod message;
 mod outcome;

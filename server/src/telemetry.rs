@@ -10,6 +10,8 @@
 pub mod export;
 mod format;
 
+use std::io::IsTerminal as _;
+
 use anyhow::Context as _;
 use opentelemetry::{global, propagation::TextMapCompositePropagator, trace::TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig as _;
@@ -90,6 +92,7 @@ pub fn init(settings: &Settings) -> anyhow::Result<Telemetry> {
     let logs = match settings.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .event_format(format::Text)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

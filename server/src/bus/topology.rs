@@ -59,6 +59,10 @@ pub mod header {
     pub const LAST_FAILURE_AT: &str = "x-orderflow-last-failure-at";
     /// Why the message was dead-lettered: `max-attempts`, `permanent-error`, ….
     pub const DEAD_LETTER_REASON: &str = "x-orderflow-dead-letter-reason";
+    /// How many times the message was replayed from a dead-letter queue.
+    pub const REPLAYS: &str = "x-orderflow-replays";
+    /// When it was last replayed (RFC 3339).
+    pub const REPLAYED_AT: &str = "x-orderflow-replayed-at";
 }
 
 /// Where a subscription's messages come from.
