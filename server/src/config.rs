@@ -233,10 +233,10 @@ impl Config {
         if self.delivery_limit == 0 {
             problems.push("--delivery-limit: must be at least 1".to_owned());
         }
-        if let Some(catalog) = &self.catalog {
-            if !catalog.is_file() {
-                problems.push(format!("--catalog {}: no such file", catalog.display()));
-            }
+        if let Some(catalog) = &self.catalog
+            && !catalog.is_file()
+        {
+            problems.push(format!("--catalog {}: no such file", catalog.display()));
         }
         if problems.is_empty() {
             Ok(())

@@ -145,13 +145,13 @@ impl TryFrom<pb::ListOrdersRequest> for ListQuery {
 
     fn try_from(request: pb::ListOrdersRequest) -> Result<Self, Self::Error> {
         let mut violations = Vec::new();
-        if let Some(customer) = &request.customer_id {
-            if let Err(why) = check_customer_id(customer) {
-                violations.push(Violation {
-                    field: "customer_id".into(),
-                    description: why,
-                });
-            }
+        if let Some(customer) = &request.customer_id
+            && let Err(why) = check_customer_id(customer)
+        {
+            violations.push(Violation {
+                field: "customer_id".into(),
+                description: why,
+            });
         }
         let before = if request.page_token.is_empty() {
             None

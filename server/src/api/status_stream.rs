@@ -52,7 +52,9 @@ pub(super) async fn start(
         None => order.version - 1,
     };
     let (tx, rx) = mpsc::channel(BUFFER);
-    if !(after >= order.version && order.status.is_terminal()) {
+    // Nothing can follow a final status. A FAILED order can still move on (a replayed dead
+    // letter), so resuming after its FAILED version waits for that.
+    if !(after >= order.version && order.status.is_final()) {
         let task = Follow {
             pool: api.pool.clone(),
             order_id,

@@ -127,7 +127,11 @@ pub fn transitions(current: Status, reserved: bool, fact: Fact) -> Vec<Status> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Fact::*, Status::*, *};
+    use super::{
+        Fact::{DeadLettered, Declined, Paid, Reserved},
+        Status::{Completed, Failed, InventoryReserved, PaymentFailed, Pending},
+        *,
+    };
 
     #[test]
     fn happy_path() {
@@ -141,7 +145,7 @@ mod tests {
     #[test]
     fn unhappy_paths() {
         assert_eq!(
-            transitions(Pending, false, Rejected),
+            transitions(Pending, false, Fact::Rejected),
             vec![Status::Rejected]
         );
         assert_eq!(

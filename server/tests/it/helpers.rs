@@ -11,7 +11,9 @@ use std::{
 
 use clap::Parser as _;
 use lapin::{Connection, ConnectionProperties};
-use orderflow_proto::orderflow::v1::{self as pb, order_service_client::OrderServiceClient};
+use orderflow_proto::orderflow::v1::{
+    self as pb, dead_letters_client::DeadLettersClient, order_service_client::OrderServiceClient,
+};
 use orderflow_server::{app::App, bus::Topology, config::Config, service::Service};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
@@ -19,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 /// The broker tests use: `AMQP_URL` if set, else the local default.
-pub fn amqp_url() -> String {
+pub(crate) fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
 /// Deadline for anything a test waits for.
-pub const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
 /// Telemetry as the server sets it up, once per test binary; logs only with `TEST_LOG` set.
 static TRACING: LazyLock<()> = LazyLock::new(|| {
@@ -44,7 +46,7 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
 });
 
 /// Connects to the broker or fails the test with instructions; never skips.
-pub async fn raw_connection() -> Connection {
+pub(crate) async fn raw_connection() -> Connection {
     let url = amqp_url();
     match tokio::time::timeout(
         Duration::from_secs(10),
@@ -65,12 +67,12 @@ pub async fn raw_connection() -> Connection {
 }
 
 /// A fresh namespace no other test uses.
-pub fn unique_namespace() -> String {
+pub(crate) fn unique_namespace() -> String {
     format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
 /// A config for a test app: its own namespace, data dir and an ephemeral port.
-pub fn test_config(namespace: &str, data_dir: &Path) -> Config {
+pub(crate) fn test_config(namespace: &str, data_dir: &Path) -> Config {
     Config::try_parse_from([
         "orderflow-server",
         "--amqp-url",
@@ -91,15 +93,17 @@ pub fn test_config(namespace: &str, data_dir: &Path) -> Config {
 
 /// One running app and what a test needs to talk to it.
 #[derive(Debug)]
-pub struct TestApp {
+pub(crate) struct TestApp {
     /// Where its gRPC server listens.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// Its namespace on the broker.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Its config (to restart it identically).
-    pub config: Config,
+    pub(crate) config: Config,
     /// A gRPC client connected to it.
-    pub client: OrderServiceClient<Channel>,
+    pub(crate) client: OrderServiceClient<Channel>,
+    /// The gRPC channel behind `client`, for other services' clients.
+    pub(crate) channel: Channel,
     data_dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
     shutdown: CancellationToken,
@@ -108,12 +112,12 @@ pub struct TestApp {
 }
 
 /// Starts an app with the default test config.
-pub async fn spawn_app() -> TestApp {
+pub(crate) async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
 /// Starts an app after `adjust` changed its test config.
-pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+pub(crate) async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     LazyLock::force(&TRACING);
     raw_connection().await.close(200, "ok".into()).await.ok();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -130,12 +134,13 @@ async fn start(config: Config, data_dir: PathBuf) -> TestApp {
     let addr = app.grpc_addr();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run(shutdown.clone()));
-    let client = connect(addr).await;
+    let channel = connect(addr).await;
     let test_app = TestApp {
         addr,
         namespace: config.namespace.clone(),
         config,
-        client,
+        client: OrderServiceClient::new(channel.clone()),
+        channel,
         data_dir,
         _dir: None,
         shutdown,
@@ -146,25 +151,19 @@ async fn start(config: Config, data_dir: PathBuf) -> TestApp {
     test_app
 }
 
-/// A gRPC client for `addr`.
-pub async fn connect(addr: SocketAddr) -> OrderServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
+/// A gRPC channel to `addr`.
+pub(crate) async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
         .expect("valid uri")
         .connect()
         .await
-        .expect("connects");
-    OrderServiceClient::new(channel)
+        .expect("connects")
 }
 
 impl TestApp {
     /// Waits until the health service reports SERVING (every broker connection up).
-    pub async fn wait_serving(&self) {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    pub(crate) async fn wait_serving(&self) {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let status = health
@@ -187,7 +186,7 @@ impl TestApp {
     }
 
     /// Stops the app gracefully and waits for it, keeping its data and namespace.
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(handle) = self.handle.take() {
             tokio::time::timeout(WAIT, handle)
@@ -199,7 +198,7 @@ impl TestApp {
     }
 
     /// Stops the app and starts it again on the same data and namespace (new port).
-    pub async fn restart(mut self) -> TestApp {
+    pub(crate) async fn restart(mut self) -> TestApp {
         self.stop().await;
         self.cleanup = false;
         let mut config = self.config.clone();
@@ -210,7 +209,7 @@ impl TestApp {
     }
 
     /// The topology of this app's namespace.
-    pub fn topology(&self) -> Topology {
+    pub(crate) fn topology(&self) -> Topology {
         Topology::new(
             self.namespace.clone(),
             self.config.retry_max_attempts.saturating_sub(1),
@@ -219,12 +218,12 @@ impl TestApp {
     }
 
     /// The database file of `service`.
-    pub fn db_path(&self, service: Service) -> PathBuf {
+    pub(crate) fn db_path(&self, service: Service) -> PathBuf {
         self.data_dir.join(format!("{}.db", service.as_str()))
     }
 
     /// Units available per SKU, read from Inventory's database file.
-    pub async fn stock(&self) -> HashMap<String, i64> {
+    pub(crate) async fn stock(&self) -> HashMap<String, i64> {
         let pool = sqlx::SqlitePool::connect(&format!(
             "sqlite://{}",
             self.db_path(Service::Inventory).display()
@@ -239,8 +238,26 @@ impl TestApp {
         rows.into_iter().collect()
     }
 
+    /// A DeadLetters client for this app.
+    pub(crate) fn dead_letters(&self) -> DeadLettersClient<Channel> {
+        DeadLettersClient::new(self.channel.clone())
+    }
+
+    /// Depth of the dead-letter queue of `queue` (short form `<service>.<name>`).
+    pub(crate) async fn dlq_depth(&self, queue: &str) -> u64 {
+        self.dead_letters()
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                queue: queue.to_owned(),
+                limit: 1,
+            })
+            .await
+            .expect("ListDeadLetters")
+            .into_inner()
+            .depth
+    }
+
     /// Places an order and returns it.
-    pub async fn place(&self, customer: &str, items: &[(&str, u32)]) -> pb::Order {
+    pub(crate) async fn place(&self, customer: &str, items: &[(&str, u32)]) -> pb::Order {
         self.client
             .clone()
             .place_order(order_request(customer, items))
@@ -250,12 +267,12 @@ impl TestApp {
     }
 
     /// Watches `order_id` from the start of its history until the stream ends.
-    pub async fn watch_all(&self, order_id: &str) -> Vec<pb::OrderUpdate> {
+    pub(crate) async fn watch_all(&self, order_id: &str) -> Vec<pb::OrderUpdate> {
         self.watch_from(order_id, Some(0)).await
     }
 
     /// Watches `order_id` (after `resume_after`, if given) until the stream ends.
-    pub async fn watch_from(
+    pub(crate) async fn watch_from(
         &self,
         order_id: &str,
         resume_after: Option<u64>,
@@ -285,7 +302,7 @@ impl TestApp {
     }
 
     /// Waits for the order to reach a terminal status; returns it.
-    pub async fn terminal(&self, order_id: &str) -> pb::Order {
+    pub(crate) async fn terminal(&self, order_id: &str) -> pb::Order {
         let updates = self.watch_from(order_id, None).await;
         assert!(
             updates.last().is_some_and(|u| u.terminal),
@@ -295,7 +312,7 @@ impl TestApp {
     }
 
     /// GetOrder.
-    pub async fn get(&self, order_id: &str) -> pb::Order {
+    pub(crate) async fn get(&self, order_id: &str) -> pb::Order {
         self.client
             .clone()
             .get_order(pb::GetOrderRequest {
@@ -339,8 +356,105 @@ impl Drop for TestApp {
     }
 }
 
+/// A private queue bound to `exchange` with `key`, consumed: sees a copy of every matching
+/// message without taking any from the app.
+pub(crate) async fn tap(conn: &Connection, exchange: &str, key: &str) -> lapin::Consumer {
+    use lapin::{
+        options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+        types::FieldTable,
+    };
+    let channel = conn.create_channel().await.expect("channel");
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("tap queue");
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("tap binding");
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "tap".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("tap consumer")
+}
+
+/// Publishes raw bytes with `properties` to `exchange`/`key`, waiting for the confirm.
+pub(crate) async fn publish_raw(
+    conn: &Connection,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert_eq!(
+        confirm,
+        lapin::Confirmation::Ack(None),
+        "broker took the message"
+    );
+    channel.close(200, "ok".into()).await.ok();
+}
+
+/// Waits until `check` returns true, polling every 50 ms, or fails after [`WAIT`].
+pub(crate) async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A PlaceOrder request.
-pub fn order_request(customer: &str, items: &[(&str, u32)]) -> pb::PlaceOrderRequest {
+pub(crate) fn order_request(customer: &str, items: &[(&str, u32)]) -> pb::PlaceOrderRequest {
     pb::PlaceOrderRequest {
         customer_id: customer.to_owned(),
         items: items
@@ -355,6 +469,6 @@ pub fn order_request(customer: &str, items: &[(&str, u32)]) -> pb::PlaceOrderReq
 }
 
 /// The statuses of `updates`, in order.
-pub fn statuses(updates: &[pb::OrderUpdate]) -> Vec<pb::OrderStatus> {
+pub(crate) fn statuses(updates: &[pb::OrderUpdate]) -> Vec<pb::OrderStatus> {
     updates.iter().map(|u| u.status()).collect()
 }

@@ -5,6 +5,7 @@
 
 mod helpers;
 
+mod failures;
 mod otlp;
 mod place_order;
 mod saga;

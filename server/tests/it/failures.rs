@@ -1,0 +1,584 @@
+//! Failure handling against the real broker: delayed retries with growing backoff, dead letters
+//! with their context, poison messages, exactly-once effects under duplicates, replay, FAILED
+//! orders, and the broker's delivery limit for messages that are never acknowledged.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use lapin::{
+    BasicProperties,
+    options::{BasicConsumeOptions, BasicQosOptions},
+    types::{AMQPValue, FieldTable},
+};
+use orderflow_proto::orderflow::v1::{self as pb, OrderStatus};
+use orderflow_server::{
+    bus::{message::header_str, topology::header},
+    fault::parse_rules,
+    service::Service,
+};
+use prost::Message as _;
+
+use crate::helpers::{
+    WAIT, eventually, publish_raw, raw_connection, spawn_app_with, statuses, tap,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_retry_with_growing_delays_then_succeed() {
+    let app = spawn_app_with(|c| {
+        c.faults = parse_rules("payment:transient:3").unwrap();
+        c.retry_max_attempts = 5;
+        c.retry_initial_delay = Duration::from_millis(200);
+        c.retry_max_delay = Duration::from_secs(5);
+    })
+    .await;
+    let conn = raw_connection().await;
+    // Every retry copy passes through the fanout exchange of its level: tap them all.
+    let mut taps = Vec::new();
+    for level in 1..=4 {
+        taps.push(
+            tap(
+                &conn,
+                &app.topology().retry_queue(Service::Payment, level),
+                "",
+            )
+            .await,
+        );
+    }
+    let mut retries = futures_util::stream::select_all(taps);
+
+    let start = Instant::now();
+    let placed = app.place("alice", &[("KB-001", 1)]).await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let delivery = tokio::time::timeout(WAIT, retries.next())
+            .await
+            .expect("retry in time")
+            .unwrap()
+            .unwrap();
+        let p = &delivery.properties;
+        let attempt = p
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(header::ATTEMPT))
+            .and_then(orderflow_server::bus::message::as_u64);
+        let expiration: u64 = p
+            .expiration()
+            .as_ref()
+            .expect("backoff as per-message TTL")
+            .as_str()
+            .parse()
+            .unwrap();
+        seen.push((start.elapsed(), attempt.unwrap(), expiration));
+    }
+    let order = app.terminal(&placed.order_id).await;
+    let done = start.elapsed();
+    assert_eq!(
+        order.status(),
+        OrderStatus::Completed,
+        "succeeds after the retries"
+    );
+
+    // The attempt number travels in a header; the backoff doubles from 200 ms (±20% jitter).
+    assert_eq!(seen.iter().map(|s| s.1).collect::<Vec<_>>(), vec![2, 3, 4]);
+    for ((_, _, expiration), base) in seen.iter().zip([200u64, 400, 800]) {
+        assert!(
+            (base * 8 / 10..=base * 12 / 10).contains(expiration),
+            "delay {expiration} ms for base {base}"
+        );
+    }
+    // And the delays really elapse: each retry is published only after the previous delay.
+    for pair in seen.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= Duration::from_millis(pair[0].2 * 9 / 10),
+            "gap {gap:?} shorter than delay {} ms",
+            pair[0].2
+        );
+    }
+    let last_delay = Duration::from_millis(seen[2].2);
+    assert!(
+        done >= seen[2].0 + last_delay.mul_f64(0.9),
+        "completed {done:?} before the last delay elapsed"
+    );
+    assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 0);
+    conn.close(200, "ok".into()).await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_dead_letter_with_context_and_fail_the_order() {
+    let app = spawn_app_with(|c| {
+        c.faults = parse_rules("inventory:transient:100").unwrap();
+        c.retry_max_attempts = 3;
+        c.retry_initial_delay = Duration::from_millis(50);
+    })
+    .await;
+    let mut watch_client = app.client.clone();
+    let placed = app.place("alice", &[("KB-001", 1)]).await;
+    let mut stream = watch_client
+        .watch_order(pb::WatchOrderRequest {
+            order_id: placed.order_id.clone(),
+            resume_after_version: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut updates = Vec::new();
+    while let Some(update) = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("update in time")
+        .unwrap()
+    {
+        updates.push(update);
+    }
+    assert_eq!(
+        statuses(&updates),
+        vec![OrderStatus::Pending, OrderStatus::Failed],
+        "the watch says so"
+    );
+    assert!(updates.last().unwrap().terminal);
+
+    let order = app.get(&placed.order_id).await;
+    assert_eq!(order.status(), OrderStatus::Failed);
+    assert!(
+        order.failure_reason.contains(
+            "inventory-service could not process orderflow.v1.OrderCreated after 3 attempt(s)"
+        ),
+        "{}",
+        order.failure_reason
+    );
+
+    let list = app
+        .dead_letters()
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            queue: "inventory.order-created".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.depth, 1);
+    let dead = &list.dead_letters[0];
+    assert_eq!(dead.attempts, 3, "exactly the configured attempts");
+    assert_eq!(dead.reason, "max-attempts");
+    assert_eq!(dead.order_id, placed.order_id);
+    assert_eq!(dead.r#type, "orderflow.v1.OrderCreated");
+    assert!(
+        dead.last_error.contains("injected Transient fault"),
+        "{}",
+        dead.last_error
+    );
+    assert_eq!(dead.failing_service, "inventory-service");
+    assert_eq!(dead.original_exchange, format!("{}.events", app.namespace));
+    assert_eq!(dead.original_routing_key, "order.created");
+    let (first, last) = (
+        dead.first_failure_at.unwrap(),
+        dead.last_failure_at.unwrap(),
+    );
+    assert!(
+        (first.seconds, first.nanos) < (last.seconds, last.nanos),
+        "first failure before last"
+    );
+    assert!(
+        dead.headers.contains_key("traceparent"),
+        "trace context kept: {:?}",
+        dead.headers
+    );
+    // Body untouched: it still decodes as the original event.
+    let event = pb::OrderCreated::decode(dead.payload.as_slice()).unwrap();
+    assert_eq!(event.order_id, placed.order_id);
+    assert!(
+        dead.payload_json.contains("\"customerId\":\"alice\""),
+        "{}",
+        dead.payload_json
+    );
+    // Nothing was reserved.
+    assert_eq!(app.stock().await["KB-001"], 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dead_letter_queue_while_orders_keep_flowing() {
+    let app = spawn_app_with(|_| {}).await;
+    let conn = raw_connection().await;
+    let work = format!("{}.inventory.order-created", app.namespace);
+    // Garbage with a plausible type, garbage with no properties at all, and an unknown type.
+    let poison = [
+        (
+            b"\xff\x00garbage".to_vec(),
+            BasicProperties::default()
+                .with_message_id("poison-1".into())
+                .with_type("orderflow.v1.OrderCreated".into()),
+        ),
+        (b"not even protobuf".to_vec(), BasicProperties::default()),
+        (
+            b"{}".to_vec(),
+            BasicProperties::default()
+                .with_message_id("poison-3".into())
+                .with_type("acme.Unknown".into()),
+        ),
+    ];
+    for (body, properties) in &poison {
+        publish_raw(&conn, "", &work, body, properties.clone()).await;
+    }
+    let placed = app.place("alice", &[("KB-001", 1)]).await;
+    assert_eq!(
+        app.terminal(&placed.order_id).await.status(),
+        OrderStatus::Completed,
+        "consumer kept serving"
+    );
+
+    eventually("three dead letters", || async {
+        app.dlq_depth("inventory.order-created").await == 3
+    })
+    .await;
+    let list = app
+        .dead_letters()
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            queue: "inventory.order-created".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for dead in &list.dead_letters {
+        assert_eq!(dead.reason, "permanent-error", "{dead:?}");
+        assert_eq!(dead.attempts, 1, "poison is not retried");
+        assert!(dead.payload_json.is_empty());
+    }
+    let bodies: Vec<&[u8]> = list
+        .dead_letters
+        .iter()
+        .map(|d| d.payload.as_slice())
+        .collect();
+    assert!(
+        bodies.contains(&&b"\xff\x00garbage"[..]),
+        "bodies are untouched"
+    );
+    let unknown = list
+        .dead_letters
+        .iter()
+        .find(|d| d.message_id == "poison-3")
+        .unwrap();
+    assert!(
+        unknown.last_error.contains("acme.Unknown"),
+        "{}",
+        unknown.last_error
+    );
+    assert!(
+        unknown.decode_error.contains("unknown message type"),
+        "{}",
+        unknown.decode_error
+    );
+    conn.close(200, "ok".into()).await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_deliveries_have_one_effect() {
+    let app = spawn_app_with(|_| {}).await;
+    let conn = raw_connection().await;
+    let events = format!("{}.events", app.namespace);
+    let mut reserved_tap = tap(&conn, &events, "inventory.reserved").await;
+    let mut processed_tap = tap(&conn, &events, "payment.processed").await;
+    let mut created_tap = tap(&conn, &events, "order.created").await;
+
+    let placed = app.place("alice", &[("KB-001", 3)]).await;
+    assert_eq!(
+        app.terminal(&placed.order_id).await.status(),
+        OrderStatus::Completed
+    );
+    assert_eq!(app.stock().await["KB-001"], 97);
+    let created = tokio::time::timeout(WAIT, created_tap.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let reserved = tokio::time::timeout(WAIT, reserved_tap.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(WAIT, processed_tap.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // The same OrderCreated redelivered twice, and once more under a new message id (a
+    // producer that retried its publish): stock must not move.
+    let inventory_queue = format!("{}.inventory.order-created", app.namespace);
+    for _ in 0..2 {
+        publish_raw(
+            &conn,
+            "",
+            &inventory_queue,
+            &created.data,
+            created.properties.clone(),
+        )
+        .await;
+    }
+    let renamed = created
+        .properties
+        .clone()
+        .with_message_id(uuid::Uuid::now_v7().to_string().as_str().into());
+    publish_raw(&conn, "", &inventory_queue, &created.data, renamed).await;
+    // The same InventoryReserved twice to Payment: no second charge.
+    let payment_queue = format!("{}.payment.inventory-reserved", app.namespace);
+    for _ in 0..2 {
+        publish_raw(
+            &conn,
+            "",
+            &payment_queue,
+            &reserved.data,
+            reserved.properties.clone(),
+        )
+        .await;
+    }
+
+    // Let the duplicates be consumed, then check nothing happened twice.
+    eventually("duplicates consumed", || async {
+        let channel = conn.create_channel().await.unwrap();
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let a = channel
+            .queue_declare(
+                inventory_queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let b = channel
+            .queue_declare(
+                payment_queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel.close(200, "ok".into()).await.ok();
+        a.message_count() == 0 && b.message_count() == 0 && a.consumer_count() > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.stock().await["KB-001"], 97, "reserved once");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), reserved_tap.next())
+            .await
+            .is_err(),
+        "no second InventoryReserved"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), processed_tap.next())
+            .await
+            .is_err(),
+        "no second charge"
+    );
+    let payments = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        app.db_path(Service::Payment).display()
+    ))
+    .await
+    .unwrap();
+    let (charges,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM payments")
+        .fetch_one(&payments)
+        .await
+        .unwrap();
+    assert_eq!(charges, 1);
+    let order = app.get(&placed.order_id).await;
+    assert_eq!(order.history.len(), 3, "no extra transitions");
+    assert_eq!(
+        app.dlq_depth("inventory.order-created").await,
+        0,
+        "duplicates are acknowledged, not dead-lettered"
+    );
+    conn.close(200, "ok".into()).await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_after_the_fault_is_gone_completes_the_order() {
+    // The first payment fails permanently; later ones succeed, as after a fix.
+    let app = spawn_app_with(|c| c.faults = parse_rules("payment:permanent:1").unwrap()).await;
+    let placed = app.place("alice", &[("KB-001", 1)]).await;
+    let failed = app.terminal(&placed.order_id).await;
+    assert_eq!(failed.status(), OrderStatus::Failed);
+    assert!(
+        failed.failure_reason.contains("payment-service"),
+        "{}",
+        failed.failure_reason
+    );
+
+    let mut dead_letters = app.dead_letters();
+    let listed = dead_letters
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            queue: "payment.inventory-reserved".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = listed.dead_letters[0].message_id.clone();
+    let shown = dead_letters
+        .get_dead_letter(pb::GetDeadLetterRequest {
+            queue: format!("{}.payment.inventory-reserved.dlq", app.namespace),
+            message_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.reason, "permanent-error");
+
+    let replayed = dead_letters
+        .replay(pb::ReplayRequest {
+            queue: "payment.inventory-reserved".into(),
+            message_ids: vec![id.clone()],
+            all: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.replayed, vec![id.clone()]);
+    let updates = app.watch_from(&placed.order_id, Some(failed.version)).await;
+    assert_eq!(statuses(&updates), vec![OrderStatus::Completed]);
+    let order = app.get(&placed.order_id).await;
+    assert_eq!(order.failure_reason, "", "cleared once completed");
+    assert!(order.transaction_id.is_some());
+
+    // It is gone from the DLQ: a second replay finds nothing, and nothing is charged twice.
+    let again = dead_letters
+        .replay(pb::ReplayRequest {
+            queue: "payment.inventory-reserved".into(),
+            message_ids: vec![id.clone()],
+            all: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed.is_empty());
+    assert_eq!(again.not_found, vec![id]);
+    assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_replays_and_purges_never_duplicate_or_lose() {
+    let app = spawn_app_with(|c| c.faults = parse_rules("payment:permanent:6").unwrap()).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(app.place(&format!("c{i}"), &[("CB-005", 1)]).await.order_id);
+    }
+    for id in &ids {
+        assert_eq!(app.terminal(id).await.status(), OrderStatus::Failed);
+    }
+    assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 6);
+
+    let request = || pb::ReplayRequest {
+        queue: "payment.inventory-reserved".into(),
+        message_ids: vec![],
+        all: true,
+    };
+    let (mut a, mut b) = (app.dead_letters(), app.dead_letters());
+    let (ra, rb) = tokio::join!(a.replay(request()), b.replay(request()));
+    let mut replayed: Vec<String> = ra.unwrap().into_inner().replayed;
+    replayed.extend(rb.unwrap().into_inner().replayed);
+    replayed.sort();
+    let before = replayed.len();
+    replayed.dedup();
+    assert_eq!(before, replayed.len(), "no message replayed twice");
+    assert_eq!(replayed.len(), 6, "every message replayed once");
+    for id in &ids {
+        let order = app.terminal(id).await;
+        assert_eq!(order.status(), OrderStatus::Completed);
+    }
+    assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 0);
+
+    let purge = app
+        .dead_letters()
+        .purge(pb::PurgeRequest {
+            queue: "payment.inventory-reserved".into(),
+            message_ids: vec!["missing".into()],
+            all: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (purge.purged, purge.not_found),
+        (0, vec!["missing".to_owned()])
+    );
+    let bad = app
+        .dead_letters()
+        .purge(pb::PurgeRequest {
+            queue: "nope".into(),
+            message_ids: vec![],
+            all: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_is_never_acknowledged_is_dead_lettered_by_the_delivery_limit() {
+    // Inventory does not run here; a raw consumer plays an inventory that crashes on every
+    // delivery (takes the message, dies without acknowledging it).
+    let app = spawn_app_with(|c| {
+        c.services = vec![Service::Order, Service::Payment];
+        c.delivery_limit = 2;
+    })
+    .await;
+    let placed = app.place("alice", &[("KB-001", 1)]).await;
+    let work = format!("{}.inventory.order-created", app.namespace);
+    let mut crashes = 0;
+    let deadline = Instant::now() + WAIT;
+    while app.dlq_depth("inventory.order-created").await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "never dead-lettered after {crashes} crashes"
+        );
+        let conn = raw_connection().await;
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .basic_qos(1, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                work.as_str().into(),
+                "crashing-inventory".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        if let Ok(Some(Ok(_delivery))) =
+            tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+        {
+            crashes += 1;
+        }
+        // The "crash": the connection goes away with the delivery unacknowledged.
+        drop(consumer);
+        conn.close(320, "crash".into()).await.ok();
+    }
+    assert!(crashes >= 2, "redelivered up to the limit ({crashes})");
+    let order = app.terminal(&placed.order_id).await;
+    assert_eq!(order.status(), OrderStatus::Failed);
+    assert!(
+        order.failure_reason.contains("delivery_limit"),
+        "{}",
+        order.failure_reason
+    );
+    let dead = app
+        .dead_letters()
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            queue: "inventory.order-created".into(),
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters
+        .remove(0);
+    assert_eq!(dead.reason, "delivery_limit");
+    assert_eq!(header_str(&FieldTable::default(), "x"), None);
+    let _ = AMQPValue::Boolean(true);
+}
