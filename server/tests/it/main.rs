@@ -8,6 +8,7 @@ mod helpers;
 mod failures;
 mod otlp;
 mod place_order;
+mod process;
 mod saga;
 mod watch_order;
 mod wire;

@@ -1,0 +1,428 @@
+//! The real `orderflow-server` binary as separate processes: killed with SIGKILL mid-flow,
+//! aborted between commit and publish, stopped with SIGTERM, and two instances sharing one
+//! database and broker.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use orderflow_proto::orderflow::v1::{
+    self as pb, OrderStatus, order_service_client::OrderServiceClient,
+};
+use orderflow_server::bus::Topology;
+use tokio::{
+    io::{AsyncBufReadExt as _, BufReader},
+    process::{Child, Command},
+};
+use tonic::transport::Channel;
+
+use crate::helpers::{WAIT, amqp_url, connect, order_request, statuses, unique_namespace};
+
+/// One `orderflow-server` process and its log lines.
+pub(crate) struct Server {
+    child: Child,
+    pub(crate) addr: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts the binary with JSON logs, returning once it listens and is SERVING.
+    pub(crate) async fn start(
+        namespace: &str,
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_orderflow-server"));
+        command
+            .args([
+                "--namespace",
+                namespace,
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--amqp-url", &amqp_url(), "--shutdown-grace", "10s"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("ORDERFLOW_FAULTS")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("orderflow-server starts");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let stderr = child.stderr.take().expect("stderr piped");
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut addr_tx = Some(addr_tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
+                    && json["message"] == "orderflow-server started."
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(json["grpc.addr"].as_str().unwrap_or_default().to_owned());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = tokio::time::timeout(WAIT, addr_rx)
+            .await
+            .expect("server logged its address in time")
+            .expect("server did not exit before starting");
+        let server = Server {
+            child,
+            addr: addr.parse().expect("a socket address"),
+            logs,
+        };
+        server.wait_serving().await;
+        server
+    }
+
+    async fn wait_serving(&self) {
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(connect(self.addr).await);
+        crate::helpers::eventually("SERVING", || {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == 1)
+            }
+        })
+        .await;
+        let _ = &mut health;
+    }
+
+    pub(crate) async fn client(&self) -> OrderServiceClient<Channel> {
+        OrderServiceClient::new(connect(self.addr).await)
+    }
+
+    pub(crate) fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: no shutdown, no flush, nothing.
+    pub(crate) async fn kill9(mut self) {
+        self.child.start_kill().expect("kill");
+        self.child.wait().await.expect("reaped");
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub(crate) async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running").to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(status.success());
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("reaped")
+    }
+
+    /// Waits for the process to exit on its own.
+    pub(crate) async fn exited(mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("reaped")
+    }
+}
+
+/// A namespace and data directory shared by several server processes; deletes the namespace's
+/// topology at the end.
+pub(crate) struct Deployment {
+    pub(crate) namespace: String,
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    pub(crate) fn new() -> Deployment {
+        Deployment {
+            namespace: unique_namespace(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub(crate) async fn start(&self, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start(&self.namespace, self.dir.path(), args, env).await
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        let topology = Topology::new(self.namespace.clone(), 4, 20);
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await
+                {
+                    if let Ok(channel) = conn.create_channel().await {
+                        let _ = topology.delete(&channel).await;
+                    }
+                    let _ = conn.close(200, "cleanup".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn watch_all(
+    client: &mut OrderServiceClient<Channel>,
+    order_id: &str,
+) -> Vec<pb::OrderUpdate> {
+    let request = pb::WatchOrderRequest {
+        order_id: order_id.to_owned(),
+        resume_after_version: Some(0),
+    };
+    let mut stream = client
+        .watch_order(request)
+        .await
+        .expect("watch starts")
+        .into_inner();
+    let mut updates = Vec::new();
+    while let Some(update) = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("update in time")
+        .expect("stream ok")
+    {
+        updates.push(update);
+    }
+    updates
+}
+
+const COMPLETE: [OrderStatus; 3] = [
+    OrderStatus::Pending,
+    OrderStatus::InventoryReserved,
+    OrderStatus::Completed,
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_flow_the_order_still_completes_after_restart() {
+    let deployment = Deployment::new();
+    // Payment fails once and retries after 2 s: the order is mid-flow when the process dies.
+    let server = deployment
+        .start(
+            &["--retry-initial-delay", "2s"],
+            &[("ORDERFLOW_FAULTS", "payment:transient:1")],
+        )
+        .await;
+    let mut client = server.client().await;
+    let placed = client
+        .place_order(order_request("alice", &[("KB-001", 2)]))
+        .await
+        .unwrap()
+        .into_inner();
+    crate::helpers::eventually("reserved", || {
+        let mut client = client.clone();
+        let id = placed.order_id.clone();
+        async move {
+            client
+                .get_order(pb::GetOrderRequest { order_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .status()
+                == OrderStatus::InventoryReserved
+        }
+    })
+    .await;
+    server.kill9().await;
+
+    let server = deployment.start(&[], &[]).await;
+    let mut client = server.client().await;
+    let updates = watch_all(&mut client, &placed.order_id).await;
+    assert_eq!(statuses(&updates), COMPLETE);
+    let order = client
+        .get_order(pb::GetOrderRequest {
+            order_id: placed.order_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(order.status(), OrderStatus::Completed);
+    assert_eq!(order.history.len(), 3);
+    assert!(server.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_commit_and_publish_is_recovered_by_the_outbox() {
+    let deployment = Deployment::new();
+    // Inventory commits its reservation (and the InventoryReserved outbox row), then the process
+    // aborts before the relay publishes and before the delivery is acknowledged.
+    let server = deployment
+        .start(
+            &[],
+            &[("ORDERFLOW_FAULTS", "inventory:crash-after-commit:1")],
+        )
+        .await;
+    let mut client = server.client().await;
+    let placed = client
+        .place_order(order_request("alice", &[("KB-001", 3)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = server.exited().await;
+    assert!(
+        !status.success(),
+        "the injected crash aborted the process: {status:?}"
+    );
+
+    let inventory = format!(
+        "sqlite://{}",
+        deployment.dir.path().join("inventory.db").display()
+    );
+    let pool = sqlx::SqlitePool::connect(&inventory).await.unwrap();
+    let (pending,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 1, "the committed event waits in the outbox");
+    pool.close().await;
+
+    let server = deployment.start(&[], &[]).await;
+    let mut client = server.client().await;
+    assert_eq!(
+        statuses(&watch_all(&mut client, &placed.order_id).await),
+        COMPLETE
+    );
+    let pool = sqlx::SqlitePool::connect(&inventory).await.unwrap();
+    let (available,): (i64,) = sqlx::query_as("SELECT available FROM stock WHERE sku = 'KB-001'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        available, 97,
+        "reserved exactly once despite the redelivery"
+    );
+    let (pending,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "published and cleared");
+    pool.close().await;
+    assert!(server.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_cleanly_and_ends_watch_streams() {
+    let deployment = Deployment::new();
+    // Payment fails once; its retry waits 3 s in the broker's retry queue.
+    let server = deployment
+        .start(
+            &["--retry-initial-delay", "3s"],
+            &[("ORDERFLOW_FAULTS", "payment:transient:1")],
+        )
+        .await;
+    let mut client = server.client().await;
+    let placed = client
+        .place_order(order_request("alice", &[("KB-001", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = client
+        .watch_order(pb::WatchOrderRequest {
+            order_id: placed.order_id.clone(),
+            resume_after_version: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stream.message().await.unwrap().unwrap().status(),
+        OrderStatus::Pending
+    );
+    let logs = server.logs.clone();
+    let started = std::time::Instant::now();
+    let status = server.terminate().await;
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "within the grace period"
+    );
+    // The open stream was ended with a clear status, not cut off.
+    let mut ended = None;
+    while let Ok(Some(update)) = stream.message().await.map_err(|s| ended = Some(s)) {
+        assert_ne!(update.status(), OrderStatus::Completed);
+    }
+    let status = ended.expect("stream ended with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("resume_after_version="),
+        "{}",
+        status.message()
+    );
+    let logs = logs.lock().unwrap().join("\n");
+    assert!(logs.contains("Shutdown complete."), "{logs}");
+
+    // The parked retry is still in the broker: a restart finishes the order.
+    let server = deployment.start(&[], &[]).await;
+    let mut client = server.client().await;
+    assert_eq!(
+        statuses(&watch_all(&mut client, &placed.order_id).await),
+        COMPLETE
+    );
+    assert!(server.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_one_instance_sees_transitions_processed_by_another() {
+    let deployment = Deployment::new();
+    // Instance A runs everything; instance B only the order service (API + order consumers),
+    // on the same database directory and broker namespace.
+    let a = deployment.start(&[], &[]).await;
+    let b = deployment.start(&["--services", "order"], &[]).await;
+    let mut client_a = a.client().await;
+    let mut client_b = b.client().await;
+    for i in 0..6 {
+        let placed = client_a
+            .place_order(order_request(&format!("c{i}"), &[("CB-005", 1)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            statuses(&watch_all(&mut client_b, &placed.order_id).await),
+            COMPLETE,
+            "watch on B"
+        );
+        assert_eq!(
+            statuses(&watch_all(&mut client_a, &placed.order_id).await),
+            COMPLETE,
+            "watch on A"
+        );
+    }
+    // Both instances consumed order events (competing consumers).
+    let handled = |server: &Server| {
+        server
+            .logs()
+            .iter()
+            .filter(|l| l.contains("Order status changed."))
+            .count()
+    };
+    assert_eq!(
+        handled(&a) + handled(&b),
+        12,
+        "each transition applied once"
+    );
+    assert!(b.terminate().await.success());
+    assert!(a.terminate().await.success());
+}
