@@ -28,7 +28,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 pub use dead_letters::DeadLetterApi;
 pub use error::{Error, Violation};
 
-use crate::{order::watch::Hub, outbox::Outbox};
+use crate::{metrics::Metrics, order::watch::Hub, outbox::Outbox};
 
 /// Default bound on concurrent `WatchOrder` streams per server.
 pub const DEFAULT_MAX_WATCHES: usize = 10_000;
@@ -43,6 +43,7 @@ pub struct OrderApi {
     shutdown: CancellationToken,
     watch_slots: Arc<Semaphore>,
     max_watches: usize,
+    metrics: Metrics,
 }
 
 impl OrderApi {
@@ -55,6 +56,7 @@ impl OrderApi {
         streams: TaskTracker,
         shutdown: CancellationToken,
         max_watches: usize,
+        metrics: Metrics,
     ) -> Self {
         OrderApi {
             pool,
@@ -64,6 +66,7 @@ impl OrderApi {
             shutdown,
             watch_slots: Arc::new(Semaphore::new(max_watches)),
             max_watches,
+            metrics,
         }
     }
 }
@@ -111,12 +114,13 @@ fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
         "grpc",
         otel.name = %path.trim_start_matches('/'),
         otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
         service.name = "order-service",
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
         rpc.grpc.status_code = tracing::field::Empty,
+        order.id = tracing::field::Empty,
+        customer.id = tracing::field::Empty,
     );
     let parent =
         global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));

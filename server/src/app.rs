@@ -1,9 +1,10 @@
 //! Assembling one `orderflow-server` process from its configuration: which services run,
-//! their databases, broker connections, consumers, outbox relays and the gRPC server.
+//! their databases, broker connections, consumers, outbox relays, the gRPC server and the
+//! metrics endpoint.
 //!
-//! Shutdown runs in stages so nothing in flight is lost: stop intake (gRPC calls, watch
-//! streams, consumers finish and settle their batch), then drain the outboxes, then close the
-//! broker connections.
+//! Shutdown runs in stages so nothing in flight is lost: stop intake (gRPC calls and watch
+//! streams end, consumers finish and settle their batch), then drain the outboxes, then close
+//! the broker connections.
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
@@ -12,18 +13,21 @@ use sqlx::SqlitePool;
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     api::{self, DeadLetterApi, OrderApi},
     bus::{
-        Broker, Consumer, Publisher, Topology, dead_letters::DeadLetterQueues, topology::QueueNames,
+        Broker, Consumer, ConsumerSettings, Publisher, RetryPolicy, Topology,
+        dead_letters::DeadLetterQueues,
+        topology::{QueueNames, Source},
     },
     config::Config,
     db,
     fault::Faults,
-    inbox::{Handler, Inbox},
+    inbox::{DedupKey, Handler, Inbox},
     inventory::{self, catalog, handler::InventoryHandler},
+    metrics::{self, Metrics},
     order::{
         self,
         handler::{DeadLetterHandler, SagaHandler},
@@ -39,19 +43,19 @@ use crate::{
 pub struct App {
     config: Config,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     pools: BTreeMap<Service, SqlitePool>,
     catalog: Vec<catalog::Entry>,
+    metrics: Metrics,
 }
 
 type Tasks = JoinSet<anyhow::Result<()>>;
 
 impl App {
-    /// Opens the databases, loads the catalog and binds the gRPC port: everything that can
-    /// fail because of configuration fails here, before any connection to the broker.
+    /// Opens the databases, loads the catalog and binds the ports: everything that can fail
+    /// because of configuration fails here, before any connection to the broker.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        config
-            .validate()
-            .map_err(|problems| anyhow::anyhow!(problems.join("\n")))?;
+        config.validate().map_err(|problems| anyhow::anyhow!(problems.join("\n")))?;
         let services = config.service_set();
         let catalog = if services.contains(&Service::Inventory) {
             catalog::load(config.catalog.as_deref())?
@@ -66,20 +70,19 @@ impl App {
                 Service::Inventory => inventory::migrations(),
                 Service::Payment => payment::migrations(),
             };
-            pools.insert(
-                service,
-                db::open(&path, config.db_sync, &[db::common_migrations(), migrator]).await?,
-            );
+            let pool = db::open(&path, config.db_sync, &[db::common_migrations(), migrator]).await?;
+            pools.insert(service, pool);
         }
         let listener = TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("binding the gRPC address {}", config.grpc_addr))?;
-        Ok(App {
-            config,
-            listener,
-            pools,
-            catalog,
-        })
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr).await.with_context(|| format!("binding the metrics address {addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(App { config, listener, metrics_listener, pools, catalog, metrics: Metrics::default() })
     }
 
     /// The bound gRPC address (useful when configured with port 0).
@@ -87,223 +90,254 @@ impl App {
         self.listener.local_addr().unwrap_or(self.config.grpc_addr)
     }
 
-    /// The database of `service`, if it runs here.
-    pub fn pool(&self, service: Service) -> Option<SqlitePool> {
-        self.pools.get(&service).cloned()
+    /// The bound metrics address, if metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Runs until `shutdown` fires or a component fails, then shuts down in stages.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let App {
-            config,
-            listener,
-            pools,
-            catalog,
-        } = self;
+        let App { config, listener, metrics_listener, pools, catalog, metrics } = self;
         let grpc_addr = listener.local_addr()?;
         let topology = Topology::new(
             config.namespace.clone(),
             config.retry_max_attempts.saturating_sub(1),
             config.delivery_limit,
         );
-        let policy = config.retry_policy();
-
-        // Intake stops first; relays after it has; connections last.
-        let intake = CancellationToken::new();
-        let relay_stop = CancellationToken::new();
-        let broker_stop = CancellationToken::new();
-        let mut intake_tasks = Tasks::new();
-        let mut relay_tasks = Tasks::new();
-        let mut broker_tasks = Tasks::new();
-        let streams = TaskTracker::new();
+        let mut stages = Stages::default();
         let mut brokers = Vec::new();
         let mut order_api = None;
         let mut dead_letter_api = None;
 
         for (service, pool) in pools {
-            let broker = Broker::new(
-                config.amqp_url.clone(),
-                format!(
-                    "orderflow {} ({})",
-                    service.service_name(),
-                    config.namespace
-                ),
-                topology.clone(),
-            );
-            brokers.push(broker.clone());
-            broker_tasks.spawn(broker.clone().run(broker_stop.clone()));
-            let publisher = Arc::new(Publisher::new(broker.clone()));
-            let outbox = Outbox::new(service);
-            relay_tasks.spawn(
-                Relay::new(pool.clone(), outbox.clone(), publisher.clone(), &topology)
-                    .run(relay_stop.clone()),
-            );
-            let faults = Faults::for_service(&config.faults, service);
-            let wiring = Wiring {
-                broker,
-                publisher,
-                outbox: outbox.clone(),
-                pool: pool.clone(),
-                service,
-                policy,
-                prefetch: config.prefetch,
-                faults: faults.clone(),
-            };
-
+            let wiring = Wiring::start(service, pool, &config, &topology, &metrics, &mut stages);
+            brokers.push(wiring.broker.clone());
             match service {
                 Service::Order => {
                     let hub = Hub::default();
                     for queue in topology.queues_of(service) {
-                        if queue.subscription.source == crate::bus::topology::Source::DeadLetters {
-                            let handler = DeadLetterHandler::new(hub.clone());
-                            intake_tasks.spawn(
-                                wiring
-                                    .consumer(queue, handler, Some(DeadLetterHandler::dedup_key))
-                                    .run(intake.clone()),
-                            );
+                        let intake = stages.intake.clone();
+                        if queue.subscription.source == Source::DeadLetters {
+                            let handler = DeadLetterHandler::new(hub.clone(), metrics.clone());
+                            let consumer = wiring.consumer(queue, handler, Some(DeadLetterHandler::dedup_key));
+                            stages.intake_tasks.spawn(consumer.run(intake));
                         } else {
-                            intake_tasks.spawn(
-                                wiring
-                                    .consumer(queue, SagaHandler::new(hub.clone()), None)
-                                    .run(intake.clone()),
-                            );
+                            let handler = SagaHandler::new(hub.clone(), metrics.clone());
+                            stages.intake_tasks.spawn(wiring.consumer(queue, handler, None).run(intake));
                         }
                     }
-                    intake_tasks.spawn(hub.clone().follow(pool.clone(), intake.clone()));
+                    stages.intake_tasks.spawn(hub.clone().follow(wiring.pool.clone(), stages.intake.clone()));
                     order_api = Some(OrderApi::new(
-                        pool,
-                        outbox,
+                        wiring.pool.clone(),
+                        wiring.outbox.clone(),
                         hub,
-                        streams.clone(),
-                        intake.clone(),
+                        stages.streams.clone(),
+                        stages.intake.clone(),
                         config.max_watch_streams,
+                        metrics.clone(),
                     ));
-                    dead_letter_api = Some(DeadLetterApi::new(
-                        DeadLetterQueues::new(wiring.broker.clone()),
-                        topology.clone(),
-                    ));
+                    let queues = DeadLetterQueues::new(wiring.broker.clone());
+                    metrics.probe(dead_letter_depths(queues.clone(), topology.clone()));
+                    dead_letter_api = Some(DeadLetterApi::new(queues, topology.clone()));
                 }
                 Service::Inventory => {
-                    let added = catalog::seed(&pool, &catalog)
-                        .await
-                        .context("seeding the catalog")?;
+                    let added = catalog::seed(&wiring.pool, &catalog).await.context("seeding the catalog")?;
                     info!(skus = catalog.len(), added, "Catalog loaded.");
                     for queue in topology.queues_of(service) {
-                        intake_tasks.spawn(
-                            wiring
-                                .consumer(queue, InventoryHandler::new(faults.clone()), None)
-                                .run(intake.clone()),
-                        );
+                        let handler = InventoryHandler::new(wiring.faults.clone());
+                        stages.intake_tasks.spawn(wiring.consumer(queue, handler, None).run(stages.intake.clone()));
                     }
                 }
                 Service::Payment => {
                     let provider = Provider::new(config.payment_limit_cents);
                     for queue in topology.queues_of(service) {
-                        intake_tasks.spawn(
-                            wiring
-                                .consumer(
-                                    queue,
-                                    PaymentHandler::new(provider, faults.clone()),
-                                    None,
-                                )
-                                .run(intake.clone()),
-                        );
+                        let handler = PaymentHandler::new(provider, wiring.faults.clone());
+                        stages.intake_tasks.spawn(wiring.consumer(queue, handler, None).run(stages.intake.clone()));
                     }
                 }
-            }
-            if !faults.is_empty() {
-                tracing::warn!(service = service.service_name(), faults = ?config.faults, "Fault injection is ON.");
             }
         }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let serves_orders = order_api.is_some();
-        intake_tasks.spawn(report_health(
-            health,
-            brokers,
-            serves_orders,
-            intake.clone(),
-        ));
-        intake_tasks.spawn(api::serve(
+        stages.intake_tasks.spawn(report_health(health, brokers, serves_orders, stages.intake.clone()));
+        stages.intake_tasks.spawn(api::serve(
             listener,
             order_api,
             dead_letter_api,
             health_service,
-            intake.clone(),
+            stages.intake.clone(),
         ));
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(listener) = metrics_listener {
+            stages.intake_tasks.spawn(metrics::serve(listener, metrics.clone(), stages.intake.clone()));
+        }
         info!(
             grpc.addr = %grpc_addr,
+            metrics.addr = ?metrics_addr,
             services = ?config.services,
             namespace = %config.namespace,
             broker.url = %config.amqp_url,
             data_dir = %config.data_dir.display(),
             "orderflow-server started."
         );
+        stages.run_until_stopped(shutdown).await
+    }
+}
 
+/// The tasks of one process, grouped by the shutdown stage that stops them.
+#[derive(Default)]
+struct Stages {
+    intake: CancellationToken,
+    relay_stop: CancellationToken,
+    broker_stop: CancellationToken,
+    intake_tasks: Tasks,
+    relay_tasks: Tasks,
+    broker_tasks: Tasks,
+    streams: TaskTracker,
+}
+
+impl Stages {
+    /// Waits for `shutdown` (or the first component to stop, which is a failure), then stops
+    /// intake, drains the outboxes and closes the connections, in that order.
+    async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let failure = tokio::select! {
             _ = shutdown.cancelled() => None,
-            Some(result) = intake_tasks.join_next() => Some(unexpected_exit(result)),
-            Some(result) = relay_tasks.join_next() => Some(unexpected_exit(result)),
-            Some(result) = broker_tasks.join_next() => Some(unexpected_exit(result)),
+            Some(result) = self.intake_tasks.join_next() => Some(unexpected_exit(result)),
+            Some(result) = self.relay_tasks.join_next() => Some(unexpected_exit(result)),
+            Some(result) = self.broker_tasks.join_next() => Some(unexpected_exit(result)),
         };
         if let Some(error) = &failure {
             error!(error = %format!("{error:#}"), "A component stopped; shutting down.");
         }
-
         info!("Shutting down: finishing in-flight work.");
-        intake.cancel();
-        drain(&mut intake_tasks).await;
-        streams.close();
-        streams.wait().await;
+        self.intake.cancel();
+        drain(&mut self.intake_tasks).await;
+        self.streams.close();
+        self.streams.wait().await;
         info!("Intake stopped; draining the outboxes.");
-        relay_stop.cancel();
-        drain(&mut relay_tasks).await;
-        broker_stop.cancel();
-        drain(&mut broker_tasks).await;
+        self.relay_stop.cancel();
+        drain(&mut self.relay_tasks).await;
+        self.broker_stop.cancel();
+        drain(&mut self.broker_tasks).await;
         info!("Shutdown complete.");
         failure.map_or(Ok(()), Err)
     }
 }
 
-/// What every service needs to consume its queues.
+/// What one service needs to consume its queues: its connection, publisher, outbox and
+/// database. Starting it starts the connection supervisor and the outbox relay.
 struct Wiring {
     broker: Broker,
     publisher: Arc<Publisher>,
     outbox: Outbox,
     pool: SqlitePool,
     service: Service,
-    policy: crate::bus::RetryPolicy,
+    policy: RetryPolicy,
     prefetch: u16,
     faults: Faults,
+    metrics: Metrics,
 }
 
 impl Wiring {
-    fn consumer<H: Handler>(
-        &self,
-        queue: QueueNames,
-        handler: H,
-        dedup_key: Option<crate::inbox::DedupKey>,
-    ) -> Consumer<Inbox<H>> {
-        let mut inbox = Inbox::new(
-            self.pool.clone(),
-            self.outbox.clone(),
-            queue.work.clone(),
-            Arc::new(handler),
-        )
-        .with_faults(self.faults.clone());
+    fn start(
+        service: Service,
+        pool: SqlitePool,
+        config: &Config,
+        topology: &Topology,
+        metrics: &Metrics,
+        stages: &mut Stages,
+    ) -> Wiring {
+        let name = format!("orderflow {} ({})", service.service_name(), config.namespace);
+        let broker = Broker::new(config.amqp_url.clone(), name, topology.clone());
+        stages.broker_tasks.spawn(broker.clone().run(stages.broker_stop.clone()));
+        let publisher = Arc::new(Publisher::new(broker.clone()));
+        let outbox = Outbox::new(service);
+        let relay = Relay::new(pool.clone(), outbox.clone(), publisher.clone(), topology, metrics.clone());
+        stages.relay_tasks.spawn(relay.run(stages.relay_stop.clone()));
+        metrics.probe(outbox_backlog(service, pool.clone()));
+        metrics.probe(connected(service, broker.clone()));
+        let faults = Faults::for_service(&config.faults, service);
+        if !faults.is_empty() {
+            warn!(service = service.service_name(), faults = ?config.faults, "Fault injection is ON.");
+        }
+        Wiring {
+            broker,
+            publisher,
+            outbox,
+            pool,
+            service,
+            policy: config.retry_policy(),
+            prefetch: config.prefetch,
+            faults,
+            metrics: metrics.clone(),
+        }
+    }
+
+    fn consumer<H: Handler>(&self, queue: QueueNames, handler: H, dedup_key: Option<DedupKey>) -> Consumer<Inbox<H>> {
+        let mut inbox = Inbox::new(self.pool.clone(), self.outbox.clone(), queue.work.clone(), Arc::new(handler))
+            .with_faults(self.faults.clone());
         if let Some(key) = dedup_key {
             inbox = inbox.with_dedup_key(key);
         }
-        Consumer::new(
-            self.broker.clone(),
-            self.publisher.clone(),
-            queue,
-            self.service,
-            self.policy,
-            self.prefetch,
-            Arc::new(inbox),
-        )
+        let settings = ConsumerSettings { queue, service: self.service, policy: self.policy, prefetch: self.prefetch };
+        Consumer::new(self.broker.clone(), self.publisher.clone(), settings, Arc::new(inbox), self.metrics.clone())
     }
+}
+
+/// Outbox rows not yet published, read at scrape time.
+fn outbox_backlog(service: Service, pool: SqlitePool) -> metrics::Probe {
+    Box::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let backlog: Result<(i64,), _> = sqlx::query_as("SELECT COUNT(*) FROM outbox").fetch_one(&pool).await;
+            match backlog {
+                Ok((n,)) => vec![(
+                    "orderflow_outbox_backlog",
+                    "Events committed but not yet confirmed by the broker.",
+                    vec![("service", service.service_name().to_owned())],
+                    n as f64,
+                )],
+                Err(_) => vec![],
+            }
+        })
+    })
+}
+
+/// 1 while the service's broker connection is up.
+fn connected(service: Service, broker: Broker) -> metrics::Probe {
+    Box::new(move || {
+        let up = broker.current().is_some();
+        Box::pin(async move {
+            vec![(
+                "orderflow_broker_connected",
+                "1 while the service is connected to RabbitMQ.",
+                vec![("service", service.service_name().to_owned())],
+                f64::from(u8::from(up)),
+            )]
+        })
+    })
+}
+
+/// Messages in each dead-letter queue, read from the broker at scrape time.
+fn dead_letter_depths(queues: DeadLetterQueues, topology: Topology) -> metrics::Probe {
+    Box::new(move || {
+        let (queues, topology) = (queues.clone(), topology.clone());
+        Box::pin(async move {
+            let mut rows = Vec::new();
+            for names in topology.all_queues() {
+                if let Ok(depth) = queues.depth(&names.dlq).await {
+                    rows.push((
+                        "orderflow_dlq_depth",
+                        "Messages in a dead-letter queue.",
+                        vec![("queue", names.dlq)],
+                        depth as f64,
+                    ));
+                }
+            }
+            rows
+        })
+    })
 }
 
 /// SERVING while every broker connection of this process is up, NOT_SERVING otherwise.
@@ -316,19 +350,12 @@ async fn report_health(
     let mut watches: Vec<_> = brokers.iter().map(Broker::subscribe).collect();
     loop {
         let up = watches.iter_mut().all(|w| w.borrow_and_update().is_some());
-        let status = if up {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
+        let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
         health.set_service_status("", status).await;
         if serves_orders {
-            health
-                .set_service_status("orderflow.v1.OrderService", status)
-                .await;
+            health.set_service_status("orderflow.v1.OrderService", status).await;
         }
-        let changed =
-            futures_util::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+        let changed = futures_util::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
         tokio::select! {
             _ = shutdown.cancelled() => {
                 health.set_service_status("", ServingStatus::NotServing).await;
@@ -351,9 +378,7 @@ async fn drain(tasks: &mut Tasks) {
     while let Some(result) = tasks.join_next().await {
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                error!(error = %format!("{error:#}"), "A component failed while stopping.")
-            }
+            Ok(Err(error)) => error!(error = %format!("{error:#}"), "A component failed while stopping."),
             Err(join) => error!(error = %join, "A component panicked while stopping."),
         }
     }

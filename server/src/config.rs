@@ -101,6 +101,10 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_MAX_WATCH_STREAMS", default_value_t = crate::api::DEFAULT_MAX_WATCHES)]
     pub max_watch_streams: usize,
 
+    /// Serve Prometheus metrics on `http://<addr>/metrics` (e.g. `127.0.0.1:9464`). Off when unset.
+    #[arg(long, env = "ORDERFLOW_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// OTLP/gRPC collector for traces (e.g. Jaeger's `http://localhost:4317`); traces are not
     /// exported when unset.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]

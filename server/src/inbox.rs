@@ -170,8 +170,7 @@ impl<H: Handler> Inbox<H> {
                 }
                 Ok(None) => Ok(()),
                 Err(error) => {
-                    span.record("otel.status_code", "ERROR");
-                    span.record("error.message", tracing::field::display(&error));
+                    crate::telemetry::record_error(&span, error.kind(), &error);
                     Err(error)
                 }
             });
@@ -213,8 +212,6 @@ fn process_span(message: &Incoming, queue: &str, service: &'static str) -> traci
         "process",
         otel.name = %format!("process {queue}"),
         otel.kind = "consumer",
-        otel.status_code = tracing::field::Empty,
-        error.message = tracing::field::Empty,
         service.name = service,
         messaging.system = "rabbitmq",
         messaging.operation.type = "process",

@@ -12,6 +12,7 @@ pub mod db;
 pub mod fault;
 pub mod inbox;
 pub mod inventory;
+pub mod metrics;
 pub mod order;
 pub mod outbox;
 pub mod payment;

@@ -21,6 +21,7 @@ use opentelemetry_sdk::{
     trace::SdkTracerProvider,
 };
 use tracing::Level;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::{
     EnvFilter, Layer as _, filter::Targets, layer::SubscriberExt as _, util::SubscriberInitExt as _,
 };
@@ -106,6 +107,19 @@ pub fn init(settings: &Settings) -> anyhow::Result<Telemetry> {
         .try_init()
         .context("installing the tracing subscriber")?;
     Ok(Telemetry { provider })
+}
+
+/// Marks `span` failed and records the error as an OpenTelemetry `exception` event.
+pub fn record_error(span: &tracing::Span, kind: &str, error: &dyn std::fmt::Display) {
+    let message = error.to_string();
+    span.set_status(opentelemetry::trace::Status::error(message.clone()));
+    span.add_event(
+        "exception",
+        vec![
+            opentelemetry::KeyValue::new("exception.type", kind.to_owned()),
+            opentelemetry::KeyValue::new("exception.message", message),
+        ],
+    );
 }
 
 fn provider(settings: &Settings) -> anyhow::Result<SdkTracerProvider> {

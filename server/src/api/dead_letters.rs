@@ -8,9 +8,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use orderflow_proto::orderflow::v1::{self as pb, dead_letters_server::DeadLetters};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use tonic::{Request, Response, Status};
-use tracing::{info, instrument};
+use opentelemetry::trace::TraceContextExt as _;
+use tracing::info;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use super::error::Error;
+use super::error::{Error, finish};
 use crate::bus::{
     Topology,
     dead_letters::{self, DeadLetterQueues, Selection, Stored},
@@ -213,108 +215,99 @@ impl From<dead_letters::Error> for Error {
     }
 }
 
-#[tonic::async_trait]
-impl DeadLetters for DeadLetterApi {
-    #[instrument(skip_all, fields(service.name = "order-service"))]
-    async fn list_queues(
-        &self,
-        _req: Request<pb::ListDeadLetterQueuesRequest>,
-    ) -> Result<Response<pb::ListDeadLetterQueuesResponse>, Status> {
+impl DeadLetterApi {
+    async fn queues(&self) -> Result<pb::ListDeadLetterQueuesResponse, Error> {
         let mut queues = Vec::new();
         for names in self.topology.all_queues() {
             queues.push(pb::DeadLetterQueue {
-                depth: self.queues.depth(&names.dlq).await.map_err(Error::from)?,
+                depth: self.queues.depth(&names.dlq).await?,
                 name: names.dlq,
                 work_queue: names.work,
                 service: names.subscription.service.service_name().to_owned(),
             });
         }
-        Ok(Response::new(pb::ListDeadLetterQueuesResponse { queues }))
+        Ok(pb::ListDeadLetterQueuesResponse { queues })
     }
 
-    #[instrument(skip_all, fields(service.name = "order-service", queue = %req.get_ref().queue))]
+    async fn list(&self, request: pb::ListDeadLettersRequest) -> Result<pb::ListDeadLettersResponse, Error> {
+        let names = self.resolve(&request.queue)?;
+        let limit = match request.limit {
+            0 => DEFAULT_LIMIT,
+            n => n.min(MAX_LIMIT),
+        };
+        let stored = self.queues.peek(&names.dlq, u64::from(limit)).await?;
+        let depth = self.queues.depth(&names.dlq).await?;
+        let dead_letters = stored.into_iter().map(|s| self.view(&names, s)).collect();
+        Ok(pb::ListDeadLettersResponse { dead_letters, depth })
+    }
+
+    async fn get(&self, request: pb::GetDeadLetterRequest) -> Result<pb::DeadLetter, Error> {
+        let names = self.resolve(&request.queue)?;
+        if request.message_id.is_empty() {
+            return Err(Error::invalid("message_id", "must not be empty"));
+        }
+        let stored = self.queues.peek(&names.dlq, dead_letters::MAX_SCAN).await?;
+        let found = stored
+            .into_iter()
+            .find(|s| s.message_id.as_deref() == Some(request.message_id.as_str()))
+            .ok_or_else(|| Error::NotFound(format!("dead letter `{}` in {}", request.message_id, names.dlq)))?;
+        Ok(self.view(&names, found))
+    }
+
+    async fn replay_selected(&self, request: pb::ReplayRequest) -> Result<pb::ReplayResponse, Error> {
+        let names = self.resolve(&request.queue)?;
+        let selection = selection(request.message_ids, request.all)?;
+        let (replayed, not_found) = self.queues.replay(&names.dlq, &names.work, &selection).await?;
+        // The replay is not part of the replayed messages' traces (they keep their own), but
+        // related to them: link this call's span to each.
+        let span = tracing::Span::current();
+        for message in &replayed {
+            let cx = crate::bus::propagation::extract(Some(&message.headers));
+            let linked = cx.span().span_context().clone();
+            if linked.is_valid() {
+                span.add_link(linked);
+            }
+        }
+        let replayed: Vec<String> = replayed.into_iter().filter_map(|m| m.message_id).collect();
+        info!(queue = %names.dlq, target = %names.work, replayed = replayed.len(), "Replayed dead letters.");
+        Ok(pb::ReplayResponse { replayed, not_found })
+    }
+
+    async fn purge_selected(&self, request: pb::PurgeRequest) -> Result<pb::PurgeResponse, Error> {
+        let names = self.resolve(&request.queue)?;
+        let selection = selection(request.message_ids, request.all)?;
+        let (purged, not_found) = self.queues.purge(&names.dlq, &selection).await?;
+        info!(queue = %names.dlq, purged, "Purged dead letters.");
+        Ok(pb::PurgeResponse { purged, not_found })
+    }
+}
+
+#[tonic::async_trait]
+impl DeadLetters for DeadLetterApi {
+    async fn list_queues(
+        &self,
+        _req: Request<pb::ListDeadLetterQueuesRequest>,
+    ) -> Result<Response<pb::ListDeadLetterQueuesResponse>, Status> {
+        finish(self.queues().await)
+    }
+
     async fn list_dead_letters(
         &self,
         req: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
-        let req = req.into_inner();
-        let names = self.resolve(&req.queue)?;
-        let limit = match req.limit {
-            0 => DEFAULT_LIMIT,
-            n => n.min(MAX_LIMIT),
-        };
-        let stored = self
-            .queues
-            .peek(&names.dlq, u64::from(limit))
-            .await
-            .map_err(Error::from)?;
-        let depth = self.queues.depth(&names.dlq).await.map_err(Error::from)?;
-        let dead_letters = stored.into_iter().map(|s| self.view(&names, s)).collect();
-        Ok(Response::new(pb::ListDeadLettersResponse {
-            dead_letters,
-            depth,
-        }))
+        finish(self.list(req.into_inner()).await)
     }
 
-    #[instrument(skip_all, fields(service.name = "order-service", queue = %req.get_ref().queue))]
-    async fn get_dead_letter(
-        &self,
-        req: Request<pb::GetDeadLetterRequest>,
-    ) -> Result<Response<pb::DeadLetter>, Status> {
-        let req = req.into_inner();
-        let names = self.resolve(&req.queue)?;
-        if req.message_id.is_empty() {
-            return Err(Error::invalid("message_id", "must not be empty").into());
-        }
-        let stored = self
-            .queues
-            .peek(&names.dlq, dead_letters::MAX_SCAN)
-            .await
-            .map_err(Error::from)?;
-        let found = stored
-            .into_iter()
-            .find(|s| s.message_id.as_deref() == Some(req.message_id.as_str()))
-            .ok_or_else(|| {
-                Error::NotFound(format!("dead letter `{}` in {}", req.message_id, names.dlq))
-            })?;
-        Ok(Response::new(self.view(&names, found)))
+    async fn get_dead_letter(&self, req: Request<pb::GetDeadLetterRequest>) -> Result<Response<pb::DeadLetter>, Status> {
+        finish(self.get(req.into_inner()).await)
     }
 
-    #[instrument(skip_all, fields(service.name = "order-service", queue = %req.get_ref().queue))]
-    async fn replay(
-        &self,
-        req: Request<pb::ReplayRequest>,
-    ) -> Result<Response<pb::ReplayResponse>, Status> {
-        let req = req.into_inner();
-        let names = self.resolve(&req.queue)?;
-        let selection = selection(req.message_ids, req.all)?;
-        let (replayed, not_found) = self
-            .queues
-            .replay(&names.dlq, &names.work, &selection)
-            .await
-            .map_err(Error::from)?;
-        info!(queue = %names.dlq, target = %names.work, replayed = replayed.len(), "Replayed dead letters.");
-        Ok(Response::new(pb::ReplayResponse {
-            replayed,
-            not_found,
-        }))
+    async fn replay(&self, req: Request<pb::ReplayRequest>) -> Result<Response<pb::ReplayResponse>, Status> {
+        finish(self.replay_selected(req.into_inner()).await)
     }
 
-    #[instrument(skip_all, fields(service.name = "order-service", queue = %req.get_ref().queue))]
-    async fn purge(
-        &self,
-        req: Request<pb::PurgeRequest>,
-    ) -> Result<Response<pb::PurgeResponse>, Status> {
-        let req = req.into_inner();
-        let names = self.resolve(&req.queue)?;
-        let selection = selection(req.message_ids, req.all)?;
-        let (purged, not_found) = self
-            .queues
-            .purge(&names.dlq, &selection)
-            .await
-            .map_err(Error::from)?;
-        info!(queue = %names.dlq, purged, "Purged dead letters.");
-        Ok(Response::new(pb::PurgeResponse { purged, not_found }))
+    async fn purge(&self, req: Request<pb::PurgeRequest>) -> Result<Response<pb::PurgeResponse>, Status> {
+        finish(self.purge_selected(req.into_inner()).await)
     }
 }
 

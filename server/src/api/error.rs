@@ -86,6 +86,30 @@ impl From<Error> for Status {
     }
 }
 
+/// Ends a call: records its gRPC status code on the request span (marking the span failed for
+/// server-side errors only, as the RPC conventions ask) and turns an error into a `Status`.
+pub(super) fn finish<T>(result: Result<T, Error>) -> Result<tonic::Response<T>, Status> {
+    let span = tracing::Span::current();
+    match result {
+        Ok(value) => {
+            span.record("rpc.grpc.status_code", 0);
+            Ok(tonic::Response::new(value))
+        }
+        Err(error) => {
+            let status = Status::from(error);
+            span.record("rpc.grpc.status_code", status.code() as i32);
+            let server_fault = matches!(
+                status.code(),
+                Code::Unknown | Code::DeadlineExceeded | Code::Unimplemented | Code::Internal | Code::Unavailable | Code::DataLoss
+            );
+            if server_fault {
+                crate::telemetry::record_error(&span, &format!("{:?}", status.code()), &status.message());
+            }
+            Err(status)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,12 +1,14 @@
 //! `orderflow.v1.OrderService`: the gRPC methods, each a thin layer of parse → store → respond.
+//! Each runs inside the request's SERVER span (see `api::request_span`), which [`finish`] marks
+//! with the gRPC status code.
 
 use orderflow_proto::orderflow::v1::{self as pb, order_service_server::OrderService};
 use tonic::{Request, Response, Status};
-use tracing::{Span, info, instrument};
+use tracing::{Span, info};
 
 use super::{
     OrderApi,
-    error::Error,
+    error::{Error, finish},
     request::{self, ListQuery},
     status_stream::{self, UpdateStream},
 };
@@ -15,22 +17,17 @@ use crate::order::{
     store::{self, PlaceError, Placed},
 };
 
-#[tonic::async_trait]
-impl OrderService for OrderApi {
-    #[instrument(skip_all, fields(customer.id = %req.get_ref().customer_id, order.id = tracing::field::Empty))]
-    async fn place_order(
-        &self,
-        req: Request<pb::PlaceOrderRequest>,
-    ) -> Result<Response<pb::Order>, Status> {
-        let order = NewOrder::try_from(req.into_inner())?;
-        let placed = store::place(&self.pool, &self.outbox, &order)
-            .await
-            .map_err(|e| match e {
-                PlaceError::KeyReused { existing } => Error::KeyReused { existing },
-                PlaceError::Database(e) => Error::from(e),
-            })?;
+impl OrderApi {
+    async fn place(&self, request: pb::PlaceOrderRequest) -> Result<pb::Order, Error> {
+        Span::current().record("customer.id", request.customer_id.as_str());
+        let order = NewOrder::try_from(request)?;
+        let placed = store::place(&self.pool, &self.outbox, &order).await.map_err(|e| match e {
+            PlaceError::KeyReused { existing } => Error::KeyReused { existing },
+            PlaceError::Database(e) => Error::from(e),
+        })?;
         let order = match placed {
             Placed::Created(order) => {
+                self.metrics.order_placed();
                 info!(
                     target: "orderflow::message",
                     service = "order-service",
@@ -47,56 +44,54 @@ impl OrderService for OrderApi {
             }
         };
         Span::current().record("order.id", order.order_id.as_str());
-        Ok(Response::new(order.into()))
+        Ok(order.into())
     }
 
-    #[instrument(skip_all, fields(order.id = %req.get_ref().order_id))]
-    async fn get_order(
-        &self,
-        req: Request<pb::GetOrderRequest>,
-    ) -> Result<Response<pb::Order>, Status> {
-        let order_id = request::order_id("order_id", &req.get_ref().order_id)?;
-        let order = store::get(&self.pool, &order_id)
-            .await
-            .map_err(Error::from)?
-            .ok_or(Error::NotFound(order_id))?;
-        Ok(Response::new(order.into()))
+    async fn get(&self, request: pb::GetOrderRequest) -> Result<pb::Order, Error> {
+        let order_id = request::order_id("order_id", &request.order_id)?;
+        Span::current().record("order.id", order_id.as_str());
+        let order = store::get(&self.pool, &order_id).await?.ok_or(Error::NotFound(order_id))?;
+        Ok(order.into())
     }
 
-    #[instrument(skip_all)]
-    async fn list_orders(
-        &self,
-        req: Request<pb::ListOrdersRequest>,
-    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
-        let query = ListQuery::try_from(req.into_inner())?;
-        let (orders, more) = store::list(
-            &self.pool,
-            query.customer_id.as_deref(),
-            query.before.as_deref(),
-            query.limit,
-        )
-        .await
-        .map_err(Error::from)?;
+    async fn list(&self, request: pb::ListOrdersRequest) -> Result<pb::ListOrdersResponse, Error> {
+        let query = ListQuery::try_from(request)?;
+        let (orders, more) =
+            store::list(&self.pool, query.customer_id.as_deref(), query.before.as_deref(), query.limit).await?;
         let next_page_token = match (more, orders.last()) {
             (true, Some(last)) => last.order_id.clone(),
             _ => String::new(),
         };
-        Ok(Response::new(pb::ListOrdersResponse {
-            orders: orders.into_iter().map(Into::into).collect(),
-            next_page_token,
-        }))
+        Ok(pb::ListOrdersResponse { orders: orders.into_iter().map(Into::into).collect(), next_page_token })
+    }
+
+    async fn watch(&self, request: pb::WatchOrderRequest) -> Result<UpdateStream, Error> {
+        let order_id = request::order_id("order_id", &request.order_id)?;
+        Span::current().record("order.id", order_id.as_str());
+        status_stream::start(self, order_id, request.resume_after_version).await
+    }
+}
+
+#[tonic::async_trait]
+impl OrderService for OrderApi {
+    async fn place_order(&self, req: Request<pb::PlaceOrderRequest>) -> Result<Response<pb::Order>, Status> {
+        finish(self.place(req.into_inner()).await)
+    }
+
+    async fn get_order(&self, req: Request<pb::GetOrderRequest>) -> Result<Response<pb::Order>, Status> {
+        finish(self.get(req.into_inner()).await)
+    }
+
+    async fn list_orders(
+        &self,
+        req: Request<pb::ListOrdersRequest>,
+    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        finish(self.list(req.into_inner()).await)
     }
 
     type WatchOrderStream = UpdateStream;
 
-    #[instrument(skip_all, fields(order.id = %req.get_ref().order_id))]
-    async fn watch_order(
-        &self,
-        req: Request<pb::WatchOrderRequest>,
-    ) -> Result<Response<Self::WatchOrderStream>, Status> {
-        let req = req.into_inner();
-        let order_id = request::order_id("order_id", &req.order_id)?;
-        let stream = status_stream::start(self, order_id, req.resume_after_version).await?;
-        Ok(Response::new(stream))
+    async fn watch_order(&self, req: Request<pb::WatchOrderRequest>) -> Result<Response<UpdateStream>, Status> {
+        finish(self.watch(req.into_inner()).await)
     }
 }

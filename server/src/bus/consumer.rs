@@ -8,7 +8,6 @@
 
 use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::SystemTime};
 
-use crate::time::rfc3339;
 
 use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::{
@@ -26,7 +25,7 @@ use super::{
     outcome::{Settlement, settle},
     topology::{QueueNames, header},
 };
-use crate::service::Service;
+use crate::{metrics::Metrics, service::Service, time::rfc3339};
 
 /// Turns a batch of deliveries into effects. One result per delivery, in order.
 pub trait Processor: Send + Sync + 'static {
@@ -35,6 +34,19 @@ pub trait Processor: Send + Sync + 'static {
         &self,
         batch: &[Incoming],
     ) -> impl Future<Output = Vec<Result<(), HandleError>>> + Send;
+}
+
+/// What a consumer consumes and how it treats failures.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The work queue and its retry and dead-letter routes.
+    pub queue: QueueNames,
+    /// The consuming service.
+    pub service: Service,
+    /// Retries before dead-lettering.
+    pub policy: RetryPolicy,
+    /// Unacknowledged deliveries held at once (and the largest batch).
+    pub prefetch: u16,
 }
 
 /// Consumes one work queue until shutdown, surviving reconnects.
@@ -47,6 +59,7 @@ pub struct Consumer<P> {
     policy: RetryPolicy,
     prefetch: u16,
     processor: Arc<P>,
+    metrics: Metrics,
 }
 
 impl<P: Processor> Consumer<P> {
@@ -54,21 +67,12 @@ impl<P: Processor> Consumer<P> {
     pub fn new(
         broker: Broker,
         publisher: Arc<Publisher>,
-        queue: QueueNames,
-        service: Service,
-        policy: RetryPolicy,
-        prefetch: u16,
+        settings: Settings,
         processor: Arc<P>,
+        metrics: Metrics,
     ) -> Self {
-        Consumer {
-            broker,
-            publisher,
-            queue,
-            service,
-            policy,
-            prefetch,
-            processor,
-        }
+        let Settings { queue, service, policy, prefetch } = settings;
+        Consumer { broker, publisher, queue, service, policy, prefetch, processor, metrics }
     }
 
     /// Consumes until `shutdown`. Finishes and settles the batch in hand before returning.
@@ -198,6 +202,7 @@ impl<P: Processor> Consumer<P> {
                     elapsed_ms = incoming.age().as_millis() as u64,
                     "Handled event."
                 );
+                self.metrics.consumed(self.service.service_name(), kind, &self.queue.work, incoming.age());
                 None
             }
             (
@@ -218,6 +223,7 @@ impl<P: Processor> Consumer<P> {
                     error = %error,
                     "Handling failed; retrying after a delay."
                 );
+                self.metrics.retried(self.service.service_name(), kind);
                 let mut copy = self.failure_copy(incoming, error);
                 copy.exchange = self
                     .broker
@@ -245,6 +251,7 @@ impl<P: Processor> Consumer<P> {
                     error = %error,
                     "Dead-lettered a message."
                 );
+                self.metrics.dead_lettered(self.service.service_name(), kind);
                 let mut copy = self.failure_copy(incoming, error);
                 copy.exchange = self.queue.dead_letter.exchange.clone();
                 copy.routing_key = self.queue.dead_letter.routing_key.clone();

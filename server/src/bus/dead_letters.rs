@@ -126,13 +126,13 @@ impl DeadLetterQueues {
     }
 
     /// Sends the selected messages of `queue` back to `work_queue` with a fresh attempt count.
-    /// Returns the replayed ids and the requested ids that were not found.
+    /// Returns the replayed messages and the requested ids that were not found.
     pub async fn replay(
         &self,
         queue: &str,
         work_queue: &str,
         selection: &Selection,
-    ) -> Result<(Vec<String>, Vec<String>), Error> {
+    ) -> Result<(Vec<Stored>, Vec<String>), Error> {
         let channel = self.channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -167,10 +167,8 @@ impl DeadLetterQueues {
             // Only now is the dead letter settled: a crash before this line leaves it in the
             // queue, and a second replay is then absorbed by the consumer's inbox.
             delivery.acker.ack(BasicAckOptions::default()).await?;
-            if let Some(id) = id {
-                seen.insert(id.clone());
-                replayed.push(id);
-            }
+            seen.extend(id);
+            replayed.push(stored(delivery));
         }
         let _ = channel.close(200, "replayed".into()).await;
         Ok((replayed, selection.not_found(&seen)))

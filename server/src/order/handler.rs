@@ -15,18 +15,19 @@ use super::{
 use crate::{
     bus::{HandleError, Incoming, topology::header},
     inbox::{Context, Handler},
+    metrics::Metrics,
 };
 
 /// Applies Inventory's and Payment's events to orders.
 #[derive(Debug, Clone)]
 pub struct SagaHandler {
-    hub: Hub,
+    observers: Observers,
 }
 
 impl SagaHandler {
     /// A handler that rings `hub` after each committed change.
-    pub fn new(hub: Hub) -> Self {
-        SagaHandler { hub }
+    pub fn new(hub: Hub, metrics: Metrics) -> Self {
+        SagaHandler { observers: Observers { hub, metrics } }
     }
 }
 
@@ -37,7 +38,7 @@ impl Handler for SagaHandler {
             let event: pb::InventoryReserved = message.decode()?;
             apply(
                 cx,
-                &self.hub,
+                &self.observers,
                 &event.order_id,
                 Fact::Reserved,
                 "",
@@ -50,7 +51,7 @@ impl Handler for SagaHandler {
             let event: pb::InventoryRejected = message.decode()?;
             apply(
                 cx,
-                &self.hub,
+                &self.observers,
                 &event.order_id,
                 Fact::Rejected,
                 &event.detail,
@@ -59,7 +60,7 @@ impl Handler for SagaHandler {
             .await
         } else if kind == pb::PaymentProcessed::full_name() {
             let event: pb::PaymentProcessed = message.decode()?;
-            apply(cx, &self.hub, &event.order_id, Fact::Paid, "", |order| {
+            apply(cx, &self.observers, &event.order_id, Fact::Paid, "", |order| {
                 price(order, &event.items, event.amount_cents);
                 order.transaction_id = Some(event.transaction_id.clone());
             })
@@ -68,7 +69,7 @@ impl Handler for SagaHandler {
             let event: pb::PaymentFailed = message.decode()?;
             apply(
                 cx,
-                &self.hub,
+                &self.observers,
                 &event.order_id,
                 Fact::Declined,
                 &event.detail,
@@ -88,13 +89,13 @@ impl Handler for SagaHandler {
 /// Marks orders FAILED when a message about them is dead-lettered anywhere in the namespace.
 #[derive(Debug, Clone)]
 pub struct DeadLetterHandler {
-    hub: Hub,
+    observers: Observers,
 }
 
 impl DeadLetterHandler {
     /// A handler that rings `hub` after each committed change.
-    pub fn new(hub: Hub) -> Self {
-        DeadLetterHandler { hub }
+    pub fn new(hub: Hub, metrics: Metrics) -> Self {
+        DeadLetterHandler { observers: Observers { hub, metrics } }
     }
 
     /// Inbox key of a dead letter: the message id plus when it failed, so the same message
@@ -116,7 +117,7 @@ impl Handler for DeadLetterHandler {
             return Ok(());
         };
         let reason = dead_letter_reason(message);
-        apply(cx, &self.hub, order_id, Fact::DeadLettered, &reason, |_| {})
+        apply(cx, &self.observers, order_id, Fact::DeadLettered, &reason, |_| {})
             .await
             .or_else(|error| match error {
                 // A dead letter about an order this database does not know (foreign or garbage
@@ -174,7 +175,7 @@ fn death_count(headers: &lapin::types::FieldTable) -> Option<u64> {
 /// Moves `order_id` by `fact`, updating its data with `update` when it moves.
 async fn apply(
     cx: &mut Context<'_>,
-    hub: &Hub,
+    observers: &Observers,
     order_id: &str,
     fact: Fact,
     reason: &str,
@@ -188,13 +189,22 @@ async fn apply(
             "unknown order `{order_id}`"
         )));
     };
-    let statuses = transitions(order.status, order.total_cents.is_some(), fact);
+    let reserved = store::has_reached(cx.conn(), order_id, Status::InventoryReserved)
+        .await
+        .map_err(HandleError::transient)?;
+    let statuses = transitions(order.status, reserved, fact);
+    let before = order.clone();
+    update(&mut order);
     let Some(&last) = statuses.last() else {
-        debug!(order.id = order_id, status = order.status.as_str(), fact = ?fact, "Stale or duplicate fact; order unchanged.");
+        // No status change, but the fact may still carry data the order lacks (a FAILED
+        // order learning its prices from a late reservation).
+        if order != before {
+            store::save_details(cx.conn(), &order).await.map_err(HandleError::transient)?;
+        }
+        debug!(order.id = order_id, status = order.status.as_str(), fact = ?fact, "No status change for this fact.");
         return Ok(());
     };
     let from = order.status;
-    update(&mut order);
     order.failure_reason = if matches!(
         last,
         Status::Rejected | Status::PaymentFailed | Status::Failed
@@ -215,10 +225,34 @@ async fn apply(
         version,
         "Order status changed."
     );
-    let hub = hub.clone();
+    let Observers { hub, metrics } = observers.clone();
     let order_id = order_id.to_owned();
-    cx.after_commit(move || hub.notify(&order_id, version));
+    let saga = std::time::Duration::from_micros(crate::time::now_micros().saturating_sub(order.created_at).max(0) as u64);
+    cx.after_commit(move || {
+        hub.notify(&order_id, version);
+        if let Some(outcome) = outcome_label(last) {
+            metrics.order_finished(outcome, saga);
+        }
+    });
     Ok(())
+}
+
+/// Who hears about a committed change: watch streams (through the hub) and metrics.
+#[derive(Debug, Clone)]
+struct Observers {
+    hub: Hub,
+    metrics: Metrics,
+}
+
+/// The metrics label of a terminal status.
+fn outcome_label(status: Status) -> Option<&'static str> {
+    match status {
+        Status::Completed => Some("completed"),
+        Status::Rejected => Some("rejected"),
+        Status::PaymentFailed => Some("payment_failed"),
+        Status::Failed => Some("failed"),
+        Status::Pending | Status::InventoryReserved => None,
+    }
 }
 
 /// Records the reservation's prices on the order's lines, and the total.

@@ -8,8 +8,10 @@
 //! ```
 //! A payment outcome may overtake the reservation (they travel on different queues); the
 //! reservation is then recorded first so every watcher sees PENDING → INVENTORY_RESERVED → ….
-//! COMPLETED, REJECTED and PAYMENT_FAILED are final. FAILED ends watch streams too, but a
-//! replayed message may still move the order on, as if it had arrived in time.
+//! COMPLETED, REJECTED and PAYMENT_FAILED are final. FAILED ends watch streams too but is not
+//! final: only an *outcome* moves a FAILED order on (paid → COMPLETED, declined →
+//! PAYMENT_FAILED, rejected → REJECTED), for instance once its dead letter is replayed. A late
+//! reservation alone does not, since the step that failed may come after it.
 
 use orderflow_proto::orderflow::v1 as pb;
 
@@ -99,7 +101,7 @@ pub enum Fact {
 }
 
 /// The statuses `fact` moves an order through, from `current`. `reserved` says whether the
-/// order's stock reservation is already recorded. Empty for duplicates and stale facts.
+/// order ever reached INVENTORY_RESERVED. Empty for duplicates and stale facts.
 pub fn transitions(current: Status, reserved: bool, fact: Fact) -> Vec<Status> {
     use Status::*;
     if current.is_final() {
@@ -116,10 +118,10 @@ pub fn transitions(current: Status, reserved: bool, fact: Fact) -> Vec<Status> {
     match (current, fact) {
         (Failed, Fact::DeadLettered) => vec![],
         (_, Fact::DeadLettered) => vec![Failed],
-        (_, Fact::Reserved) if reserved => vec![],
-        (_, Fact::Reserved) => vec![InventoryReserved],
-        (_, Fact::Rejected) if reserved => vec![],
-        (_, Fact::Rejected) => vec![Rejected],
+        (Pending, Fact::Reserved) => vec![InventoryReserved],
+        (_, Fact::Reserved) => vec![],
+        (Pending | Failed, Fact::Rejected) if !reserved => vec![Rejected],
+        (_, Fact::Rejected) => vec![],
         (_, Fact::Paid) => after_reservation(Completed),
         (_, Fact::Declined) => after_reservation(PaymentFailed),
     }
@@ -187,20 +189,14 @@ mod tests {
     }
 
     #[test]
-    fn a_replay_moves_a_failed_order_on() {
-        assert_eq!(
-            transitions(Failed, false, Reserved),
-            vec![InventoryReserved]
-        );
+    fn only_an_outcome_moves_a_failed_order_on() {
         assert_eq!(transitions(Failed, true, Paid), vec![Completed]);
-        assert_eq!(
-            transitions(Failed, false, Paid),
-            vec![InventoryReserved, Completed]
-        );
-        assert_eq!(
-            transitions(Failed, false, Fact::Rejected),
-            vec![Status::Rejected]
-        );
+        assert_eq!(transitions(Failed, false, Paid), vec![InventoryReserved, Completed]);
+        assert_eq!(transitions(Failed, false, Declined), vec![InventoryReserved, PaymentFailed]);
+        assert_eq!(transitions(Failed, false, Fact::Rejected), vec![Status::Rejected]);
+        // Payment failed for good after the reservation; the reservation arriving late must not
+        // hide that failure.
+        assert!(transitions(Failed, false, Reserved).is_empty());
         assert!(transitions(Failed, true, Reserved).is_empty());
     }
 

@@ -300,6 +300,31 @@ pub async fn record(
     Ok(version)
 }
 
+/// Whether the order's history contains `status`.
+pub async fn has_reached(conn: &mut SqliteConnection, order_id: &str, status: Status) -> sqlx::Result<bool> {
+    let (reached,): (bool,) =
+        sqlx::query_as("SELECT EXISTS (SELECT 1 FROM order_history WHERE order_id = ? AND status = ?)")
+            .bind(order_id)
+            .bind(status.as_str())
+            .fetch_one(conn)
+            .await?;
+    Ok(reached)
+}
+
+/// Writes the order's items, total and transaction without a status change.
+pub async fn save_details(conn: &mut SqliteConnection, order: &Order) -> sqlx::Result<()> {
+    let items = serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    sqlx::query("UPDATE orders SET items = ?, total_cents = ?, transaction_id = ?, updated_at = ? WHERE order_id = ?")
+        .bind(items)
+        .bind(order.total_cents)
+        .bind(&order.transaction_id)
+        .bind(time::now_micros())
+        .bind(&order.order_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 async fn insert_change(
     conn: &mut SqliteConnection,
     order_id: &str,

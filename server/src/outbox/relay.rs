@@ -11,7 +11,10 @@ use tracing::{Instrument as _, debug, info, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::Outbox;
-use crate::bus::{Outgoing, Publisher, message, propagation, topology::Topology};
+use crate::{
+    bus::{Outgoing, Publisher, message, propagation, topology::Topology},
+    metrics::Metrics,
+};
 
 /// Rows published per round trip; the confirms of a batch are awaited together.
 const BATCH: i64 = 256;
@@ -38,6 +41,7 @@ pub struct Relay {
     outbox: Outbox,
     publisher: Arc<Publisher>,
     exchange: String,
+    metrics: Metrics,
 }
 
 impl Relay {
@@ -47,13 +51,9 @@ impl Relay {
         outbox: Outbox,
         publisher: Arc<Publisher>,
         topology: &Topology,
+        metrics: Metrics,
     ) -> Self {
-        Relay {
-            pool,
-            outbox,
-            publisher,
-            exchange: topology.events_exchange(),
-        }
+        Relay { pool, outbox, publisher, exchange: topology.events_exchange(), metrics }
     }
 
     /// Relays until `stop`; then drains the outbox while the broker takes messages.
@@ -146,10 +146,11 @@ impl Relay {
                         routing_key = %row.routing_key,
                         "Published event."
                     );
+                    self.metrics.published(service, &row.message_type);
                     published.push(row.seq);
                 }
                 Err(error) => {
-                    span.record("otel.status_code", "ERROR");
+                    crate::telemetry::record_error(span, "publish", &error);
                     first_error.get_or_insert(error);
                 }
             }
@@ -179,7 +180,6 @@ impl Relay {
             "publish",
             otel.name = %format!("publish {}", self.exchange),
             otel.kind = "producer",
-            otel.status_code = tracing::field::Empty,
             service.name = self.outbox.service().service_name(),
             messaging.system = "rabbitmq",
             messaging.operation.type = "send",

@@ -290,10 +290,11 @@ impl TestApp {
             .into_inner();
         let mut updates = Vec::new();
         loop {
-            match tokio::time::timeout(WAIT, stream.next())
-                .await
-                .expect("watch stream ended in time")
-            {
+            let next = tokio::time::timeout(WAIT, stream.next()).await;
+            let Ok(next) = next else {
+                panic!("watch of {order_id} did not end within {WAIT:?}; got {updates:?}");
+            };
+            match next {
                 Some(Ok(update)) => updates.push(update),
                 Some(Err(status)) => panic!("watch stream failed: {status}"),
                 None => return updates,
