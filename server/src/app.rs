@@ -55,7 +55,9 @@ impl App {
     /// Opens the databases, loads the catalog and binds the ports: everything that can fail
     /// because of configuration fails here, before any connection to the broker.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        config.validate().map_err(|problems| anyhow::anyhow!(problems.join("\n")))?;
+        config
+            .validate()
+            .map_err(|problems| anyhow::anyhow!(problems.join("\n")))?;
         let services = config.service_set();
         let catalog = if services.contains(&Service::Inventory) {
             catalog::load(config.catalog.as_deref())?
@@ -70,7 +72,8 @@ impl App {
                 Service::Inventory => inventory::migrations(),
                 Service::Payment => payment::migrations(),
             };
-            let pool = db::open(&path, config.db_sync, &[db::common_migrations(), migrator]).await?;
+            let pool =
+                db::open(&path, config.db_sync, &[db::common_migrations(), migrator]).await?;
             pools.insert(service, pool);
         }
         let listener = TcpListener::bind(config.grpc_addr)
@@ -78,11 +81,20 @@ impl App {
             .with_context(|| format!("binding the gRPC address {}", config.grpc_addr))?;
         let metrics_listener = match config.metrics_addr {
             Some(addr) => Some(
-                TcpListener::bind(addr).await.with_context(|| format!("binding the metrics address {addr}"))?,
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the metrics address {addr}"))?,
             ),
             None => None,
         };
-        Ok(App { config, listener, metrics_listener, pools, catalog, metrics: Metrics::default() })
+        Ok(App {
+            config,
+            listener,
+            metrics_listener,
+            pools,
+            catalog,
+            metrics: Metrics::default(),
+        })
     }
 
     /// The bound gRPC address (useful when configured with port 0).
@@ -92,12 +104,21 @@ impl App {
 
     /// The bound metrics address, if metrics are served.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Runs until `shutdown` fires or a component fails, then shuts down in stages.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let App { config, listener, metrics_listener, pools, catalog, metrics } = self;
+        let App {
+            config,
+            listener,
+            metrics_listener,
+            pools,
+            catalog,
+            metrics,
+        } = self;
         let grpc_addr = listener.local_addr()?;
         let topology = Topology::new(
             config.namespace.clone(),
@@ -119,14 +140,20 @@ impl App {
                         let intake = stages.intake.clone();
                         if queue.subscription.source == Source::DeadLetters {
                             let handler = DeadLetterHandler::new(hub.clone(), metrics.clone());
-                            let consumer = wiring.consumer(queue, handler, Some(DeadLetterHandler::dedup_key));
+                            let consumer =
+                                wiring.consumer(queue, handler, Some(DeadLetterHandler::dedup_key));
                             stages.intake_tasks.spawn(consumer.run(intake));
                         } else {
                             let handler = SagaHandler::new(hub.clone(), metrics.clone());
-                            stages.intake_tasks.spawn(wiring.consumer(queue, handler, None).run(intake));
+                            stages
+                                .intake_tasks
+                                .spawn(wiring.consumer(queue, handler, None).run(intake));
                         }
                     }
-                    stages.intake_tasks.spawn(hub.clone().follow(wiring.pool.clone(), stages.intake.clone()));
+                    stages.intake_tasks.spawn(
+                        hub.clone()
+                            .follow(wiring.pool.clone(), stages.intake.clone()),
+                    );
                     order_api = Some(OrderApi::new(
                         wiring.pool.clone(),
                         wiring.outbox.clone(),
@@ -141,18 +168,28 @@ impl App {
                     dead_letter_api = Some(DeadLetterApi::new(queues, topology.clone()));
                 }
                 Service::Inventory => {
-                    let added = catalog::seed(&wiring.pool, &catalog).await.context("seeding the catalog")?;
+                    let added = catalog::seed(&wiring.pool, &catalog)
+                        .await
+                        .context("seeding the catalog")?;
                     info!(skus = catalog.len(), added, "Catalog loaded.");
                     for queue in topology.queues_of(service) {
                         let handler = InventoryHandler::new(wiring.faults.clone());
-                        stages.intake_tasks.spawn(wiring.consumer(queue, handler, None).run(stages.intake.clone()));
+                        stages.intake_tasks.spawn(
+                            wiring
+                                .consumer(queue, handler, None)
+                                .run(stages.intake.clone()),
+                        );
                     }
                 }
                 Service::Payment => {
                     let provider = Provider::new(config.payment_limit_cents);
                     for queue in topology.queues_of(service) {
                         let handler = PaymentHandler::new(provider, wiring.faults.clone());
-                        stages.intake_tasks.spawn(wiring.consumer(queue, handler, None).run(stages.intake.clone()));
+                        stages.intake_tasks.spawn(
+                            wiring
+                                .consumer(queue, handler, None)
+                                .run(stages.intake.clone()),
+                        );
                     }
                 }
             }
@@ -160,7 +197,12 @@ impl App {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let serves_orders = order_api.is_some();
-        stages.intake_tasks.spawn(report_health(health, brokers, serves_orders, stages.intake.clone()));
+        stages.intake_tasks.spawn(report_health(
+            health,
+            brokers,
+            serves_orders,
+            stages.intake.clone(),
+        ));
         stages.intake_tasks.spawn(api::serve(
             listener,
             order_api,
@@ -170,7 +212,11 @@ impl App {
         ));
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(listener) = metrics_listener {
-            stages.intake_tasks.spawn(metrics::serve(listener, metrics.clone(), stages.intake.clone()));
+            stages.intake_tasks.spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                stages.intake.clone(),
+            ));
         }
         info!(
             grpc.addr = %grpc_addr,
@@ -248,13 +294,27 @@ impl Wiring {
         metrics: &Metrics,
         stages: &mut Stages,
     ) -> Wiring {
-        let name = format!("orderflow {} ({})", service.service_name(), config.namespace);
+        let name = format!(
+            "orderflow {} ({})",
+            service.service_name(),
+            config.namespace
+        );
         let broker = Broker::new(config.amqp_url.clone(), name, topology.clone());
-        stages.broker_tasks.spawn(broker.clone().run(stages.broker_stop.clone()));
+        stages
+            .broker_tasks
+            .spawn(broker.clone().run(stages.broker_stop.clone()));
         let publisher = Arc::new(Publisher::new(broker.clone()));
         let outbox = Outbox::new(service);
-        let relay = Relay::new(pool.clone(), outbox.clone(), publisher.clone(), topology, metrics.clone());
-        stages.relay_tasks.spawn(relay.run(stages.relay_stop.clone()));
+        let relay = Relay::new(
+            pool.clone(),
+            outbox.clone(),
+            publisher.clone(),
+            topology,
+            metrics.clone(),
+        );
+        stages
+            .relay_tasks
+            .spawn(relay.run(stages.relay_stop.clone()));
         metrics.probe(outbox_backlog(service, pool.clone()));
         metrics.probe(connected(service, broker.clone()));
         let faults = Faults::for_service(&config.faults, service);
@@ -274,14 +334,35 @@ impl Wiring {
         }
     }
 
-    fn consumer<H: Handler>(&self, queue: QueueNames, handler: H, dedup_key: Option<DedupKey>) -> Consumer<Inbox<H>> {
-        let mut inbox = Inbox::new(self.pool.clone(), self.outbox.clone(), queue.work.clone(), Arc::new(handler))
-            .with_faults(self.faults.clone());
+    fn consumer<H: Handler>(
+        &self,
+        queue: QueueNames,
+        handler: H,
+        dedup_key: Option<DedupKey>,
+    ) -> Consumer<Inbox<H>> {
+        let mut inbox = Inbox::new(
+            self.pool.clone(),
+            self.outbox.clone(),
+            queue.work.clone(),
+            Arc::new(handler),
+        )
+        .with_faults(self.faults.clone());
         if let Some(key) = dedup_key {
             inbox = inbox.with_dedup_key(key);
         }
-        let settings = ConsumerSettings { queue, service: self.service, policy: self.policy, prefetch: self.prefetch };
-        Consumer::new(self.broker.clone(), self.publisher.clone(), settings, Arc::new(inbox), self.metrics.clone())
+        let settings = ConsumerSettings {
+            queue,
+            service: self.service,
+            policy: self.policy,
+            prefetch: self.prefetch,
+        };
+        Consumer::new(
+            self.broker.clone(),
+            self.publisher.clone(),
+            settings,
+            Arc::new(inbox),
+            self.metrics.clone(),
+        )
     }
 }
 
@@ -290,7 +371,9 @@ fn outbox_backlog(service: Service, pool: SqlitePool) -> metrics::Probe {
     Box::new(move || {
         let pool = pool.clone();
         Box::pin(async move {
-            let backlog: Result<(i64,), _> = sqlx::query_as("SELECT COUNT(*) FROM outbox").fetch_one(&pool).await;
+            let backlog: Result<(i64,), _> = sqlx::query_as("SELECT COUNT(*) FROM outbox")
+                .fetch_one(&pool)
+                .await;
             match backlog {
                 Ok((n,)) => vec![(
                     "orderflow_outbox_backlog",
@@ -350,12 +433,19 @@ async fn report_health(
     let mut watches: Vec<_> = brokers.iter().map(Broker::subscribe).collect();
     loop {
         let up = watches.iter_mut().all(|w| w.borrow_and_update().is_some());
-        let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = if up {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
         health.set_service_status("", status).await;
         if serves_orders {
-            health.set_service_status("orderflow.v1.OrderService", status).await;
+            health
+                .set_service_status("orderflow.v1.OrderService", status)
+                .await;
         }
-        let changed = futures_util::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+        let changed =
+            futures_util::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
         tokio::select! {
             _ = shutdown.cancelled() => {
                 health.set_service_status("", ServingStatus::NotServing).await;
@@ -378,7 +468,9 @@ async fn drain(tasks: &mut Tasks) {
     while let Some(result) = tasks.join_next().await {
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => error!(error = %format!("{error:#}"), "A component failed while stopping."),
+            Ok(Err(error)) => {
+                error!(error = %format!("{error:#}"), "A component failed while stopping.")
+            }
             Err(join) => error!(error = %join, "A component panicked while stopping."),
         }
     }

@@ -59,7 +59,9 @@ impl Metrics {
     /// An order reached `status` (`completed`, `rejected`, `payment_failed`, `failed`) after
     /// `saga` since it was placed.
     pub fn order_finished(&self, status: &'static str, saga: Duration) {
-        self.inner.orders_finished.add(vec![("status", status.to_owned())], 1);
+        self.inner
+            .orders_finished
+            .add(vec![("status", status.to_owned())], 1);
         if status != "failed" {
             self.inner.saga_seconds.observe(saga);
         }
@@ -74,7 +76,13 @@ impl Metrics {
     pub fn consumed(&self, service: &'static str, kind: &str, queue: &str, took: Duration) {
         self.inner.consumed.add(labels(service, kind), 1);
         let key = vec![("service", service.to_owned()), ("queue", queue.to_owned())];
-        self.inner.handler_seconds.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().observe(took);
+        self.inner
+            .handler_seconds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .observe(took);
     }
 
     /// `service` scheduled a retry of an event of `kind`.
@@ -89,23 +97,47 @@ impl Metrics {
 
     /// Adds a reading taken at every scrape.
     pub fn probe(&self, probe: Probe) {
-        self.inner.probes.lock().unwrap_or_else(|e| e.into_inner()).push(probe);
+        self.inner
+            .probes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(probe);
     }
 
     /// Every metric in the Prometheus text exposition format.
     pub async fn render(&self) -> String {
         let i = &self.inner;
         let mut out = String::new();
-        i.orders_placed.render(&mut out, "orderflow_orders_placed_total", "Orders accepted by PlaceOrder.");
+        i.orders_placed.render(
+            &mut out,
+            "orderflow_orders_placed_total",
+            "Orders accepted by PlaceOrder.",
+        );
         i.orders_finished.render(
             &mut out,
             "orderflow_orders_finished_total",
             "Orders that reached a terminal status, by status.",
         );
-        i.published.render(&mut out, "orderflow_events_published_total", "Events published (confirmed by the broker).");
-        i.consumed.render(&mut out, "orderflow_events_consumed_total", "Events handled successfully.");
-        i.retried.render(&mut out, "orderflow_events_retried_total", "Deliveries parked for a delayed retry.");
-        i.dead_lettered.render(&mut out, "orderflow_events_dead_lettered_total", "Deliveries moved to a dead-letter queue.");
+        i.published.render(
+            &mut out,
+            "orderflow_events_published_total",
+            "Events published (confirmed by the broker).",
+        );
+        i.consumed.render(
+            &mut out,
+            "orderflow_events_consumed_total",
+            "Events handled successfully.",
+        );
+        i.retried.render(
+            &mut out,
+            "orderflow_events_retried_total",
+            "Deliveries parked for a delayed retry.",
+        );
+        i.dead_lettered.render(
+            &mut out,
+            "orderflow_events_dead_lettered_total",
+            "Deliveries moved to a dead-letter queue.",
+        );
         registry::render_histograms(
             &mut out,
             "orderflow_handler_duration_seconds",
@@ -118,7 +150,8 @@ impl Metrics {
             "Time from PlaceOrder to COMPLETED, REJECTED or PAYMENT_FAILED.",
             &BTreeMap::from([(vec![], i.saga_seconds.clone())]),
         );
-        let dropped = crate::telemetry::export::DROPPED_SPANS.load(std::sync::atomic::Ordering::Relaxed);
+        let dropped =
+            crate::telemetry::export::DROPPED_SPANS.load(std::sync::atomic::Ordering::Relaxed);
         registry::render_rows(
             &mut out,
             &vec![(
@@ -157,19 +190,40 @@ mod tests {
         metrics.order_placed();
         metrics.order_finished("completed", Duration::from_millis(30));
         metrics.published("order-service", "orderflow.v1.OrderCreated");
-        metrics.consumed("inventory-service", "orderflow.v1.OrderCreated", "ns.inventory.order-created", Duration::from_millis(2));
+        metrics.consumed(
+            "inventory-service",
+            "orderflow.v1.OrderCreated",
+            "ns.inventory.order-created",
+            Duration::from_millis(2),
+        );
         metrics.probe(Box::new(|| {
-            Box::pin(async { vec![("orderflow_outbox_backlog", "Events waiting.", vec![("service", "order-service".to_owned())], 3.0)] })
+            Box::pin(async {
+                vec![(
+                    "orderflow_outbox_backlog",
+                    "Events waiting.",
+                    vec![("service", "order-service".to_owned())],
+                    3.0,
+                )]
+            })
         }));
         let text = metrics.render().await;
         assert!(text.contains("orderflow_orders_placed_total 2\n"), "{text}");
-        assert!(text.contains("orderflow_orders_finished_total{status=\"completed\"} 1\n"), "{text}");
+        assert!(
+            text.contains("orderflow_orders_finished_total{status=\"completed\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains(
             "orderflow_events_published_total{service=\"order-service\",type=\"orderflow.v1.OrderCreated\"} 1\n"
         ));
-        assert!(text.contains("orderflow_saga_duration_seconds_bucket{le=\"0.05\"} 1\n"), "{text}");
+        assert!(
+            text.contains("orderflow_saga_duration_seconds_bucket{le=\"0.05\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("orderflow_saga_duration_seconds_count 1\n"));
         assert!(text.contains("# TYPE orderflow_handler_duration_seconds histogram\n"));
-        assert!(text.contains("orderflow_outbox_backlog{service=\"order-service\"} 3\n"), "{text}");
+        assert!(
+            text.contains("orderflow_outbox_backlog{service=\"order-service\"} 3\n"),
+            "{text}"
+        );
     }
 }

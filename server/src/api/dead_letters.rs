@@ -5,10 +5,10 @@
 use std::collections::HashSet;
 
 use lapin::types::{AMQPValue, FieldTable};
+use opentelemetry::trace::TraceContextExt as _;
 use orderflow_proto::orderflow::v1::{self as pb, dead_letters_server::DeadLetters};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use tonic::{Request, Response, Status};
-use opentelemetry::trace::TraceContextExt as _;
 use tracing::info;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -229,7 +229,10 @@ impl DeadLetterApi {
         Ok(pb::ListDeadLetterQueuesResponse { queues })
     }
 
-    async fn list(&self, request: pb::ListDeadLettersRequest) -> Result<pb::ListDeadLettersResponse, Error> {
+    async fn list(
+        &self,
+        request: pb::ListDeadLettersRequest,
+    ) -> Result<pb::ListDeadLettersResponse, Error> {
         let names = self.resolve(&request.queue)?;
         let limit = match request.limit {
             0 => DEFAULT_LIMIT,
@@ -238,7 +241,10 @@ impl DeadLetterApi {
         let stored = self.queues.peek(&names.dlq, u64::from(limit)).await?;
         let depth = self.queues.depth(&names.dlq).await?;
         let dead_letters = stored.into_iter().map(|s| self.view(&names, s)).collect();
-        Ok(pb::ListDeadLettersResponse { dead_letters, depth })
+        Ok(pb::ListDeadLettersResponse {
+            dead_letters,
+            depth,
+        })
     }
 
     async fn get(&self, request: pb::GetDeadLetterRequest) -> Result<pb::DeadLetter, Error> {
@@ -250,14 +256,25 @@ impl DeadLetterApi {
         let found = stored
             .into_iter()
             .find(|s| s.message_id.as_deref() == Some(request.message_id.as_str()))
-            .ok_or_else(|| Error::NotFound(format!("dead letter `{}` in {}", request.message_id, names.dlq)))?;
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "dead letter `{}` in {}",
+                    request.message_id, names.dlq
+                ))
+            })?;
         Ok(self.view(&names, found))
     }
 
-    async fn replay_selected(&self, request: pb::ReplayRequest) -> Result<pb::ReplayResponse, Error> {
+    async fn replay_selected(
+        &self,
+        request: pb::ReplayRequest,
+    ) -> Result<pb::ReplayResponse, Error> {
         let names = self.resolve(&request.queue)?;
         let selection = selection(request.message_ids, request.all)?;
-        let (replayed, not_found) = self.queues.replay(&names.dlq, &names.work, &selection).await?;
+        let (replayed, not_found) = self
+            .queues
+            .replay(&names.dlq, &names.work, &selection)
+            .await?;
         // The replay is not part of the replayed messages' traces (they keep their own), but
         // related to them: link this call's span to each.
         let span = tracing::Span::current();
@@ -270,7 +287,10 @@ impl DeadLetterApi {
         }
         let replayed: Vec<String> = replayed.into_iter().filter_map(|m| m.message_id).collect();
         info!(queue = %names.dlq, target = %names.work, replayed = replayed.len(), "Replayed dead letters.");
-        Ok(pb::ReplayResponse { replayed, not_found })
+        Ok(pb::ReplayResponse {
+            replayed,
+            not_found,
+        })
     }
 
     async fn purge_selected(&self, request: pb::PurgeRequest) -> Result<pb::PurgeResponse, Error> {
@@ -298,15 +318,24 @@ impl DeadLetters for DeadLetterApi {
         finish(self.list(req.into_inner()).await)
     }
 
-    async fn get_dead_letter(&self, req: Request<pb::GetDeadLetterRequest>) -> Result<Response<pb::DeadLetter>, Status> {
+    async fn get_dead_letter(
+        &self,
+        req: Request<pb::GetDeadLetterRequest>,
+    ) -> Result<Response<pb::DeadLetter>, Status> {
         finish(self.get(req.into_inner()).await)
     }
 
-    async fn replay(&self, req: Request<pb::ReplayRequest>) -> Result<Response<pb::ReplayResponse>, Status> {
+    async fn replay(
+        &self,
+        req: Request<pb::ReplayRequest>,
+    ) -> Result<Response<pb::ReplayResponse>, Status> {
         finish(self.replay_selected(req.into_inner()).await)
     }
 
-    async fn purge(&self, req: Request<pb::PurgeRequest>) -> Result<Response<pb::PurgeResponse>, Status> {
+    async fn purge(
+        &self,
+        req: Request<pb::PurgeRequest>,
+    ) -> Result<Response<pb::PurgeResponse>, Status> {
         finish(self.purge_selected(req.into_inner()).await)
     }
 }

@@ -100,10 +100,19 @@ pub(super) fn finish<T>(result: Result<T, Error>) -> Result<tonic::Response<T>, 
             span.record("rpc.grpc.status_code", status.code() as i32);
             let server_fault = matches!(
                 status.code(),
-                Code::Unknown | Code::DeadlineExceeded | Code::Unimplemented | Code::Internal | Code::Unavailable | Code::DataLoss
+                Code::Unknown
+                    | Code::DeadlineExceeded
+                    | Code::Unimplemented
+                    | Code::Internal
+                    | Code::Unavailable
+                    | Code::DataLoss
             );
             if server_fault {
-                crate::telemetry::record_error(&span, &format!("{:?}", status.code()), &status.message());
+                crate::telemetry::record_error(
+                    &span,
+                    &format!("{:?}", status.code()),
+                    &status.message(),
+                );
             }
             Err(status)
         }

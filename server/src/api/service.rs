@@ -21,10 +21,12 @@ impl OrderApi {
     async fn place(&self, request: pb::PlaceOrderRequest) -> Result<pb::Order, Error> {
         Span::current().record("customer.id", request.customer_id.as_str());
         let order = NewOrder::try_from(request)?;
-        let placed = store::place(&self.pool, &self.outbox, &order).await.map_err(|e| match e {
-            PlaceError::KeyReused { existing } => Error::KeyReused { existing },
-            PlaceError::Database(e) => Error::from(e),
-        })?;
+        let placed = store::place(&self.pool, &self.outbox, &order)
+            .await
+            .map_err(|e| match e {
+                PlaceError::KeyReused { existing } => Error::KeyReused { existing },
+                PlaceError::Database(e) => Error::from(e),
+            })?;
         let order = match placed {
             Placed::Created(order) => {
                 self.metrics.order_placed();
@@ -50,19 +52,29 @@ impl OrderApi {
     async fn get(&self, request: pb::GetOrderRequest) -> Result<pb::Order, Error> {
         let order_id = request::order_id("order_id", &request.order_id)?;
         Span::current().record("order.id", order_id.as_str());
-        let order = store::get(&self.pool, &order_id).await?.ok_or(Error::NotFound(order_id))?;
+        let order = store::get(&self.pool, &order_id)
+            .await?
+            .ok_or(Error::NotFound(order_id))?;
         Ok(order.into())
     }
 
     async fn list(&self, request: pb::ListOrdersRequest) -> Result<pb::ListOrdersResponse, Error> {
         let query = ListQuery::try_from(request)?;
-        let (orders, more) =
-            store::list(&self.pool, query.customer_id.as_deref(), query.before.as_deref(), query.limit).await?;
+        let (orders, more) = store::list(
+            &self.pool,
+            query.customer_id.as_deref(),
+            query.before.as_deref(),
+            query.limit,
+        )
+        .await?;
         let next_page_token = match (more, orders.last()) {
             (true, Some(last)) => last.order_id.clone(),
             _ => String::new(),
         };
-        Ok(pb::ListOrdersResponse { orders: orders.into_iter().map(Into::into).collect(), next_page_token })
+        Ok(pb::ListOrdersResponse {
+            orders: orders.into_iter().map(Into::into).collect(),
+            next_page_token,
+        })
     }
 
     async fn watch(&self, request: pb::WatchOrderRequest) -> Result<UpdateStream, Error> {
@@ -74,11 +86,17 @@ impl OrderApi {
 
 #[tonic::async_trait]
 impl OrderService for OrderApi {
-    async fn place_order(&self, req: Request<pb::PlaceOrderRequest>) -> Result<Response<pb::Order>, Status> {
+    async fn place_order(
+        &self,
+        req: Request<pb::PlaceOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
         finish(self.place(req.into_inner()).await)
     }
 
-    async fn get_order(&self, req: Request<pb::GetOrderRequest>) -> Result<Response<pb::Order>, Status> {
+    async fn get_order(
+        &self,
+        req: Request<pb::GetOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
         finish(self.get(req.into_inner()).await)
     }
 
@@ -91,7 +109,10 @@ impl OrderService for OrderApi {
 
     type WatchOrderStream = UpdateStream;
 
-    async fn watch_order(&self, req: Request<pb::WatchOrderRequest>) -> Result<Response<UpdateStream>, Status> {
+    async fn watch_order(
+        &self,
+        req: Request<pb::WatchOrderRequest>,
+    ) -> Result<Response<UpdateStream>, Status> {
         finish(self.watch(req.into_inner()).await)
     }
 }

@@ -8,7 +8,6 @@
 
 use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::SystemTime};
 
-
 use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::{
     options::{
@@ -71,8 +70,22 @@ impl<P: Processor> Consumer<P> {
         processor: Arc<P>,
         metrics: Metrics,
     ) -> Self {
-        let Settings { queue, service, policy, prefetch } = settings;
-        Consumer { broker, publisher, queue, service, policy, prefetch, processor, metrics }
+        let Settings {
+            queue,
+            service,
+            policy,
+            prefetch,
+        } = settings;
+        Consumer {
+            broker,
+            publisher,
+            queue,
+            service,
+            policy,
+            prefetch,
+            processor,
+            metrics,
+        }
     }
 
     /// Consumes until `shutdown`. Finishes and settles the batch in hand before returning.
@@ -202,7 +215,12 @@ impl<P: Processor> Consumer<P> {
                     elapsed_ms = incoming.age().as_millis() as u64,
                     "Handled event."
                 );
-                self.metrics.consumed(self.service.service_name(), kind, &self.queue.work, incoming.age());
+                self.metrics.consumed(
+                    self.service.service_name(),
+                    kind,
+                    &self.queue.work,
+                    incoming.age(),
+                );
                 None
             }
             (
@@ -251,7 +269,8 @@ impl<P: Processor> Consumer<P> {
                     error = %error,
                     "Dead-lettered a message."
                 );
-                self.metrics.dead_lettered(self.service.service_name(), kind);
+                self.metrics
+                    .dead_lettered(self.service.service_name(), kind);
                 let mut copy = self.failure_copy(incoming, error);
                 copy.exchange = self.queue.dead_letter.exchange.clone();
                 copy.routing_key = self.queue.dead_letter.routing_key.clone();

@@ -19,7 +19,12 @@ pub struct LabelledCounters {
 impl LabelledCounters {
     /// Adds `n` to the counter with `labels`.
     pub fn add(&self, labels: Vec<(&'static str, String)>, n: u64) {
-        *self.values.lock().unwrap_or_else(|e| e.into_inner()).entry(labels).or_default() += n;
+        *self
+            .values
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(labels)
+            .or_default() += n;
     }
 
     pub(super) fn render(&self, out: &mut String, name: &str, help: &str) {
@@ -32,7 +37,9 @@ impl LabelledCounters {
 }
 
 /// Upper bounds of histogram buckets, in seconds: 0.5 ms to 30 s.
-const BUCKETS: [f64; 15] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// A latency histogram with fixed buckets. Cheap to clone (shared counts).
 #[derive(Debug, Clone, Default)]
@@ -51,9 +58,14 @@ impl Histogram {
     /// Records one observation.
     pub fn observe(&self, value: Duration) {
         let secs = value.as_secs_f64();
-        let bucket = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        let bucket = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
         self.inner.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        self.inner.sum_micros.fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+        self.inner
+            .sum_micros
+            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
@@ -66,7 +78,12 @@ pub(super) fn render_histograms(
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     for (labels, histogram) in histograms {
         let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().map(|b| b.to_string()).chain(["+Inf".to_owned()]).enumerate() {
+        for (i, bound) in BUCKETS
+            .iter()
+            .map(|b| b.to_string())
+            .chain(["+Inf".to_owned()])
+            .enumerate()
+        {
             cumulative += histogram.inner.counts[i].load(Ordering::Relaxed);
             let mut with_le = labels.clone();
             with_le.push(("le", bound));
@@ -92,13 +109,19 @@ fn format_labels(labels: &[(&'static str, String)]) -> String {
     if labels.is_empty() {
         return String::new();
     }
-    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+    let inner: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
     format!("{{{}}}", inner.join(","))
 }
 
 /// Label values escape `\`, `"` and newlines.
 fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -122,6 +145,9 @@ mod tests {
 
     #[test]
     fn label_values_are_escaped() {
-        assert_eq!(format_labels(&[("q", "a\"b\\c\nd".to_owned())]), "{q=\"a\\\"b\\\\c\\nd\"}");
+        assert_eq!(
+            format_labels(&[("q", "a\"b\\c\nd".to_owned())]),
+            "{q=\"a\\\"b\\\\c\\nd\"}"
+        );
     }
 }

@@ -27,7 +27,9 @@ pub struct SagaHandler {
 impl SagaHandler {
     /// A handler that rings `hub` after each committed change.
     pub fn new(hub: Hub, metrics: Metrics) -> Self {
-        SagaHandler { observers: Observers { hub, metrics } }
+        SagaHandler {
+            observers: Observers { hub, metrics },
+        }
     }
 }
 
@@ -60,10 +62,17 @@ impl Handler for SagaHandler {
             .await
         } else if kind == pb::PaymentProcessed::full_name() {
             let event: pb::PaymentProcessed = message.decode()?;
-            apply(cx, &self.observers, &event.order_id, Fact::Paid, "", |order| {
-                price(order, &event.items, event.amount_cents);
-                order.transaction_id = Some(event.transaction_id.clone());
-            })
+            apply(
+                cx,
+                &self.observers,
+                &event.order_id,
+                Fact::Paid,
+                "",
+                |order| {
+                    price(order, &event.items, event.amount_cents);
+                    order.transaction_id = Some(event.transaction_id.clone());
+                },
+            )
             .await
         } else if kind == pb::PaymentFailed::full_name() {
             let event: pb::PaymentFailed = message.decode()?;
@@ -95,7 +104,9 @@ pub struct DeadLetterHandler {
 impl DeadLetterHandler {
     /// A handler that rings `hub` after each committed change.
     pub fn new(hub: Hub, metrics: Metrics) -> Self {
-        DeadLetterHandler { observers: Observers { hub, metrics } }
+        DeadLetterHandler {
+            observers: Observers { hub, metrics },
+        }
     }
 
     /// Inbox key of a dead letter: the message id plus when it failed, so the same message
@@ -117,14 +128,21 @@ impl Handler for DeadLetterHandler {
             return Ok(());
         };
         let reason = dead_letter_reason(message);
-        apply(cx, &self.observers, order_id, Fact::DeadLettered, &reason, |_| {})
-            .await
-            .or_else(|error| match error {
-                // A dead letter about an order this database does not know (foreign or garbage
-                // correlation id) has nothing to mark.
-                HandleError::Permanent(_) => Ok(()),
-                transient => Err(transient),
-            })
+        apply(
+            cx,
+            &self.observers,
+            order_id,
+            Fact::DeadLettered,
+            &reason,
+            |_| {},
+        )
+        .await
+        .or_else(|error| match error {
+            // A dead letter about an order this database does not know (foreign or garbage
+            // correlation id) has nothing to mark.
+            HandleError::Permanent(_) => Ok(()),
+            transient => Err(transient),
+        })
     }
 }
 
@@ -199,7 +217,9 @@ async fn apply(
         // No status change, but the fact may still carry data the order lacks (a FAILED
         // order learning its prices from a late reservation).
         if order != before {
-            store::save_details(cx.conn(), &order).await.map_err(HandleError::transient)?;
+            store::save_details(cx.conn(), &order)
+                .await
+                .map_err(HandleError::transient)?;
         }
         debug!(order.id = order_id, status = order.status.as_str(), fact = ?fact, "No status change for this fact.");
         return Ok(());
@@ -227,7 +247,11 @@ async fn apply(
     );
     let Observers { hub, metrics } = observers.clone();
     let order_id = order_id.to_owned();
-    let saga = std::time::Duration::from_micros(crate::time::now_micros().saturating_sub(order.created_at).max(0) as u64);
+    let saga = std::time::Duration::from_micros(
+        crate::time::now_micros()
+            .saturating_sub(order.created_at)
+            .max(0) as u64,
+    );
     cx.after_commit(move || {
         hub.notify(&order_id, version);
         if let Some(outcome) = outcome_label(last) {

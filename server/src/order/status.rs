@@ -191,9 +191,18 @@ mod tests {
     #[test]
     fn only_an_outcome_moves_a_failed_order_on() {
         assert_eq!(transitions(Failed, true, Paid), vec![Completed]);
-        assert_eq!(transitions(Failed, false, Paid), vec![InventoryReserved, Completed]);
-        assert_eq!(transitions(Failed, false, Declined), vec![InventoryReserved, PaymentFailed]);
-        assert_eq!(transitions(Failed, false, Fact::Rejected), vec![Status::Rejected]);
+        assert_eq!(
+            transitions(Failed, false, Paid),
+            vec![InventoryReserved, Completed]
+        );
+        assert_eq!(
+            transitions(Failed, false, Declined),
+            vec![InventoryReserved, PaymentFailed]
+        );
+        assert_eq!(
+            transitions(Failed, false, Fact::Rejected),
+            vec![Status::Rejected]
+        );
         // Payment failed for good after the reservation; the reservation arriving late must not
         // hide that failure.
         assert!(transitions(Failed, false, Reserved).is_empty());

@@ -301,13 +301,18 @@ pub async fn record(
 }
 
 /// Whether the order's history contains `status`.
-pub async fn has_reached(conn: &mut SqliteConnection, order_id: &str, status: Status) -> sqlx::Result<bool> {
-    let (reached,): (bool,) =
-        sqlx::query_as("SELECT EXISTS (SELECT 1 FROM order_history WHERE order_id = ? AND status = ?)")
-            .bind(order_id)
-            .bind(status.as_str())
-            .fetch_one(conn)
-            .await?;
+pub async fn has_reached(
+    conn: &mut SqliteConnection,
+    order_id: &str,
+    status: Status,
+) -> sqlx::Result<bool> {
+    let (reached,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM order_history WHERE order_id = ? AND status = ?)",
+    )
+    .bind(order_id)
+    .bind(status.as_str())
+    .fetch_one(conn)
+    .await?;
     Ok(reached)
 }
 

@@ -53,7 +53,13 @@ impl Relay {
         topology: &Topology,
         metrics: Metrics,
     ) -> Self {
-        Relay { pool, outbox, publisher, exchange: topology.events_exchange(), metrics }
+        Relay {
+            pool,
+            outbox,
+            publisher,
+            exchange: topology.events_exchange(),
+            metrics,
+        }
     }
 
     /// Relays until `stop`; then drains the outbox while the broker takes messages.

@@ -355,9 +355,12 @@ async fn sigterm_shuts_down_cleanly_and_ends_watch_streams() {
     let started = std::time::Instant::now();
     let status = server.terminate().await;
     assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
+    // The process enforces its 10 s grace itself; a machine busy with other tests may add a
+    // little on top of the real shutdown time.
     assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "within the grace period"
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
     );
     // The open stream was ended with a clear status, not cut off.
     let mut ended = None;
@@ -373,6 +376,7 @@ async fn sigterm_shuts_down_cleanly_and_ends_watch_streams() {
     );
     let logs = logs.lock().unwrap().join("\n");
     assert!(logs.contains("Shutdown complete."), "{logs}");
+    assert!(!logs.contains("Graceful shutdown timed out"), "{logs}");
 
     // The parked retry is still in the broker: a restart finishes the order.
     let server = deployment.start(&[], &[]).await;
