@@ -15,10 +15,11 @@ use orderflow_proto::orderflow::v1::{
     self as pb, dead_letters_client::DeadLettersClient, order_service_client::OrderServiceClient,
 };
 use orderflow_server::{app::App, bus::Topology, config::Config, service::Service};
-use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+use crate::otlp::Collector;
 
 /// The broker tests use: `AMQP_URL` if set, else the local default.
 pub(crate) fn amqp_url() -> String {
@@ -28,22 +29,48 @@ pub(crate) fn amqp_url() -> String {
 /// Deadline for anything a test waits for.
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
-/// Telemetry as the server sets it up, once per test binary; logs only with `TEST_LOG` set.
-static TRACING: LazyLock<()> = LazyLock::new(|| {
-    let settings = orderflow_server::telemetry::Settings {
-        log_format: orderflow_server::config::LogFormat::Text,
-        log_filter: Some(if std::env::var_os("TEST_LOG").is_some() {
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned())
-        } else {
-            "off".to_owned()
-        }),
-        otlp_endpoint: None,
-        service_name: None,
-        services: Service::ALL.to_vec(),
-    };
-    // Kept for the whole run: the provider must outlive every test.
-    std::mem::forget(orderflow_server::telemetry::init(&settings).expect("telemetry initialises"));
+/// Telemetry as the server sets it up, once per test binary, exporting every span to a real
+/// OTLP receiver; logs go to stderr only with `TEST_LOG` set. The receiver and the exporter's
+/// connection live on a runtime of their own, since each test's runtime ends with the test.
+static TELEMETRY: LazyLock<Collector> = LazyLock::new(|| {
+    let (ready, collector) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("otlp-collector".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("collector runtime");
+            runtime.block_on(async move {
+                let collector = Collector::start().await;
+                let settings = orderflow_server::telemetry::Settings {
+                    log_format: orderflow_server::config::LogFormat::Text,
+                    log_filter: Some(if std::env::var_os("TEST_LOG").is_some() {
+                        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned())
+                    } else {
+                        "off".to_owned()
+                    }),
+                    otlp_endpoint: Some(collector.endpoint()),
+                    service_name: None,
+                    services: Service::ALL.to_vec(),
+                };
+                // Kept for the whole run: the provider must outlive every test.
+                std::mem::forget(
+                    orderflow_server::telemetry::init(&settings).expect("telemetry initialises"),
+                );
+                ready.send(collector).expect("test thread waits");
+                std::future::pending::<()>().await;
+            });
+        })
+        .expect("collector thread starts");
+    collector.recv().expect("collector started")
 });
+
+/// The OTLP receiver every app of this test binary exports its spans to.
+pub(crate) fn collector() -> Collector {
+    LazyLock::force(&TELEMETRY).clone()
+}
 
 /// Connects to the broker or fails the test with instructions; never skips.
 pub(crate) async fn raw_connection() -> Connection {
@@ -94,8 +121,8 @@ pub(crate) fn test_config(namespace: &str, data_dir: &Path) -> Config {
 /// One running app and what a test needs to talk to it.
 #[derive(Debug)]
 pub(crate) struct TestApp {
-    /// Where its gRPC server listens.
-    pub(crate) addr: SocketAddr,
+    /// Where it serves metrics, if configured.
+    pub(crate) metrics_addr: Option<SocketAddr>,
     /// Its namespace on the broker.
     pub(crate) namespace: String,
     /// Its config (to restart it identically).
@@ -107,7 +134,6 @@ pub(crate) struct TestApp {
     data_dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
     shutdown: CancellationToken,
-    handle: Option<JoinHandle<anyhow::Result<()>>>,
     cleanup: bool,
 }
 
@@ -118,7 +144,7 @@ pub(crate) async fn spawn_app() -> TestApp {
 
 /// Starts an app after `adjust` changed its test config.
 pub(crate) async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
-    LazyLock::force(&TRACING);
+    LazyLock::force(&TELEMETRY);
     raw_connection().await.close(200, "ok".into()).await.ok();
     let dir = tempfile::tempdir().expect("temp dir");
     let namespace = unique_namespace();
@@ -132,11 +158,13 @@ pub(crate) async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp 
 async fn start(config: Config, data_dir: PathBuf) -> TestApp {
     let app = App::build(config.clone()).await.expect("app builds");
     let addr = app.grpc_addr();
+    let metrics_addr = app.metrics_addr();
     let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(app.run(shutdown.clone()));
+    // The app runs until the test drops its TestApp (which cancels `shutdown`).
+    tokio::spawn(app.run(shutdown.clone()));
     let channel = connect(addr).await;
     let test_app = TestApp {
-        addr,
+        metrics_addr,
         namespace: config.namespace.clone(),
         config,
         client: OrderServiceClient::new(channel.clone()),
@@ -144,7 +172,6 @@ async fn start(config: Config, data_dir: PathBuf) -> TestApp {
         data_dir,
         _dir: None,
         shutdown,
-        handle: Some(handle),
         cleanup: true,
     };
     test_app.wait_serving().await;
@@ -183,29 +210,6 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// Stops the app gracefully and waits for it, keeping its data and namespace.
-    pub(crate) async fn stop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(handle) = self.handle.take() {
-            tokio::time::timeout(WAIT, handle)
-                .await
-                .expect("stops in time")
-                .expect("no panic")
-                .expect("clean exit");
-        }
-    }
-
-    /// Stops the app and starts it again on the same data and namespace (new port).
-    pub(crate) async fn restart(mut self) -> TestApp {
-        self.stop().await;
-        self.cleanup = false;
-        let mut config = self.config.clone();
-        config.grpc_addr = "127.0.0.1:0".parse().unwrap();
-        let mut next = start(config, self.data_dir.clone()).await;
-        next._dir = self._dir.take();
-        next
     }
 
     /// The topology of this app's namespace.

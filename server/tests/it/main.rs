@@ -6,6 +6,7 @@
 mod helpers;
 
 mod failures;
+mod observability;
 mod otlp;
 mod place_order;
 mod process;
