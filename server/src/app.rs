@@ -20,9 +20,9 @@ use crate::{
     bus::{
         Broker, Consumer, ConsumerSettings, Publisher, RetryPolicy, Topology,
         dead_letters::DeadLetterQueues,
-        topology::{QueueNames, Source},
+        topology::{Declare, QueueNames, Source},
     },
-    config::Config,
+    config::{Config, DeclareTopology},
     db,
     fault::Faults,
     inbox::{DedupKey, Handler, Inbox},
@@ -299,7 +299,11 @@ impl Wiring {
             service.service_name(),
             config.namespace
         );
-        let broker = Broker::new(config.amqp_url.clone(), name, topology.clone());
+        let declare = match config.declare_topology {
+            DeclareTopology::All => Declare::All,
+            DeclareTopology::Verify => Declare::Verify(service),
+        };
+        let broker = Broker::new(config.amqp_url.clone(), name, topology.clone(), declare);
         stages
             .broker_tasks
             .spawn(broker.clone().run(stages.broker_stop.clone()));

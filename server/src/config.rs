@@ -93,6 +93,12 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// `all`: declare every exchange and queue of the namespace on connect (needs `configure`
+    /// permission); `verify`: only check that what this service uses exists, for pre-declared
+    /// topologies and least-privilege users (docker-compose).
+    #[arg(long, env = "ORDERFLOW_DECLARE_TOPOLOGY", value_enum, default_value_t = DeclareTopology::All)]
+    pub declare_topology: DeclareTopology,
+
     /// Fault injection for tests and demos, e.g. `payment:transient:2` (see README). Off by default.
     #[arg(long, env = "ORDERFLOW_FAULTS", value_delimiter = ',')]
     pub faults: Vec<crate::fault::Rule>,
@@ -118,6 +124,15 @@ pub struct Config {
     /// Log format on stderr.
     #[arg(long, env = "ORDERFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// How services prepare the broker topology (see `--declare-topology`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeclareTopology {
+    /// Declare everything.
+    All,
+    /// Check only.
+    Verify,
 }
 
 /// Log line format.

@@ -369,6 +369,7 @@ mod tests {
                 "amqp://localhost".parse().unwrap(),
                 "test",
                 Topology::new("ns", 1, 1),
+                crate::bus::topology::Declare::All,
             )),
             topology: Topology::new("ns", 1, 1),
             descriptors: DescriptorPool::decode(orderflow_proto::FILE_DESCRIPTOR_SET).unwrap(),

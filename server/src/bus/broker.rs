@@ -14,7 +14,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::Topology;
+use super::{Topology, topology::Declare};
 use crate::config::AmqpUrl;
 
 /// Heartbeat asked of the broker when the URL does not set one, so a silently dead peer (a
@@ -63,18 +63,25 @@ struct Inner {
     url: AmqpUrl,
     connection_name: String,
     topology: Topology,
+    declare: Declare,
     link: watch::Sender<Option<Link>>,
     broken: Notify,
 }
 
 impl Broker {
     /// A broker handle; nothing connects until [`Broker::run`].
-    pub fn new(url: AmqpUrl, connection_name: impl Into<String>, topology: Topology) -> Self {
+    pub fn new(
+        url: AmqpUrl,
+        connection_name: impl Into<String>,
+        topology: Topology,
+        declare: Declare,
+    ) -> Self {
         Broker {
             inner: Arc::new(Inner {
                 url,
                 connection_name: connection_name.into(),
                 topology,
+                declare,
                 link: watch::Sender::new(None),
                 broken: Notify::new(),
             }),
@@ -137,7 +144,8 @@ impl Broker {
                         attempt = failures,
                         retry_in = ?delay,
                         error = %format!("{error:#}"),
-                        "RabbitMQ unreachable; retrying. Is it running? (rabbitmq-server -detached)"
+                        hint = hint(&error),
+                        "Cannot use RabbitMQ yet; retrying."
                     );
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -157,7 +165,7 @@ impl Broker {
                 broker.url = %self.inner.url,
                 connection = %self.inner.connection_name,
                 generation,
-                "Connected to RabbitMQ; topology declared."
+                "Connected to RabbitMQ; topology ready."
             );
 
             let reason = tokio::select! {
@@ -203,11 +211,28 @@ impl Broker {
             .context("opening a channel")?;
         self.inner
             .topology
-            .declare(&channel)
+            .prepare(&channel, self.inner.declare)
             .await
-            .context("declaring the topology")?;
-        let _ = channel.close(200, "topology declared".into()).await;
+            .context(match self.inner.declare {
+                Declare::All => "declaring the topology",
+                Declare::Verify(_) => "checking the pre-declared topology",
+            })?;
+        let _ = channel.close(200, "topology ready".into()).await;
         Ok(connection)
+    }
+}
+
+/// What to check, given why connecting or preparing the topology failed.
+fn hint(error: &anyhow::Error) -> &'static str {
+    let text = format!("{error:#}");
+    if text.contains("ACCESS_REFUSED") || text.contains("access refused") {
+        "the broker refused this user: check the credentials in AMQP_URL and the user's permissions"
+    } else if text.contains("NOT_FOUND") {
+        "the topology is not declared: load deploy/rabbitmq/definitions.json, or use --declare-topology all"
+    } else if text.contains("PRECONDITION_FAILED") {
+        "a queue exists with other arguments (e.g. another --delivery-limit): delete it or keep the old setting"
+    } else {
+        "is RabbitMQ running and reachable? Locally: rabbitmq-server -detached"
     }
 }
 

@@ -162,6 +162,17 @@ pub struct QueueNames {
     pub dead_letter: Route,
 }
 
+/// How a service makes sure the topology exists when it connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declare {
+    /// Declare the whole namespace (needs `configure` permission on all of it): the default,
+    /// so a fresh broker just works.
+    All,
+    /// Only check, passively, that what this service uses exists: for brokers whose topology
+    /// is pre-declared (a definitions file) and whose users have least privilege.
+    Verify(Service),
+}
+
 /// All names of one namespace, and how to declare them.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -332,6 +343,53 @@ impl Topology {
                 )
                 .await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Declares everything, or checks what `service` uses, as `declare` says.
+    pub async fn prepare(&self, channel: &Channel, declare: Declare) -> lapin::Result<()> {
+        match declare {
+            Declare::All => self.declare(channel).await,
+            Declare::Verify(service) => self.verify(channel, service).await,
+        }
+    }
+
+    /// Checks, without creating anything, that the exchanges and queues `service` uses exist.
+    /// Passive declarations need no permission, and the first missing name fails the check.
+    pub async fn verify(&self, channel: &Channel, service: Service) -> lapin::Result<()> {
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let mut exchanges = vec![self.events_exchange(), self.dead_letter_exchange()];
+        exchanges.extend((1..=self.retry_levels).map(|n| self.retry_queue(service, n)));
+        for exchange in exchanges {
+            channel
+                .exchange_declare(
+                    exchange.into(),
+                    ExchangeKind::Topic,
+                    passive,
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let mut queues: Vec<String> = Vec::new();
+        for names in self.queues_of(service) {
+            queues.push(names.work);
+        }
+        // The order service's dead-letter API reads every DLQ.
+        if service == Service::Order {
+            queues.extend(self.all_queues().into_iter().map(|q| q.dlq));
+        }
+        for queue in queues {
+            channel
+                .queue_declare(queue.into(), passive, FieldTable::default())
+                .await?;
         }
         Ok(())
     }

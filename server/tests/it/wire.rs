@@ -173,3 +173,45 @@ async fn every_name_is_namespaced_and_queues_are_durable_quorum_queues() {
     }
     conn.close(200, "ok".into()).await.ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_mode_waits_for_a_pre_declared_topology() {
+    use orderflow_server::config::DeclareTopology;
+    // A namespace nobody declared: a verifying app must not become SERVING...
+    let namespace = crate::helpers::unique_namespace();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::helpers::test_config(&namespace, dir.path());
+    config.declare_topology = DeclareTopology::Verify;
+    let app = orderflow_server::app::App::build(config).await.unwrap();
+    let channel = crate::helpers::connect(app.grpc_addr()).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(app.run(shutdown.clone()));
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = |mut health: tonic_health::pb::health_client::HealthClient<
+        tonic::transport::Channel,
+    >| async move {
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        check(health.clone()).await.unwrap(),
+        2,
+        "NOT_SERVING while the topology is missing"
+    );
+    // ...until someone declares it (here an app in the default mode, as an operator would
+    // load definitions); the verifying app then connects on its next attempt.
+    let declaring = crate::helpers::spawn_app_with(|c| c.namespace = namespace.clone()).await;
+    crate::helpers::eventually("SERVING once declared", || {
+        let health = health.clone();
+        async move { check(health).await.is_ok_and(|s| s == 1) }
+    })
+    .await;
+    let _ = &mut health;
+    shutdown.cancel();
+    drop(declaring);
+}
