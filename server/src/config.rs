@@ -46,7 +46,8 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_NAMESPACE", default_value = "orderflow")]
     pub namespace: String,
 
-    /// Address of the gRPC API (order service only).
+    /// Address of the gRPC server: health and reflection in every process, plus
+    /// `OrderService` and `DeadLetters` where the order service runs.
     #[arg(long, env = "ORDERFLOW_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
 

@@ -10,6 +10,7 @@ mod observability;
 mod otlp;
 mod place_order;
 mod process;
+mod readme;
 mod saga;
 mod watch_order;
 mod wire;

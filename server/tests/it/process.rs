@@ -39,14 +39,12 @@ impl Server {
     ) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_orderflow-server"));
         command
-            .args([
-                "--namespace",
-                namespace,
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ])
+            .args(["--namespace", namespace, "--log-format", "json"])
+            .args(if args.contains(&"--grpc-addr") {
+                &[][..]
+            } else {
+                &["--grpc-addr", "127.0.0.1:0"][..]
+            })
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--amqp-url", &amqp_url(), "--shutdown-grace", "10s"])
