@@ -28,7 +28,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 pub use dead_letters::DeadLetterApi;
 pub use error::{Error, Violation};
 
-use crate::{metrics::Metrics, order::watch::Hub, outbox::Outbox};
+use crate::{
+    metrics::Metrics,
+    order::{placement::Placements, watch::Hub},
+};
 
 /// Default bound on concurrent `WatchOrder` streams per server.
 pub const DEFAULT_MAX_WATCHES: usize = 10_000;
@@ -37,7 +40,7 @@ pub const DEFAULT_MAX_WATCHES: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct OrderApi {
     pool: SqlitePool,
-    outbox: Outbox,
+    placements: Placements,
     hub: Hub,
     streams: TaskTracker,
     shutdown: CancellationToken,
@@ -51,7 +54,7 @@ impl OrderApi {
     /// `shutdown`.
     pub fn new(
         pool: SqlitePool,
-        outbox: Outbox,
+        placements: Placements,
         hub: Hub,
         streams: TaskTracker,
         shutdown: CancellationToken,
@@ -60,7 +63,7 @@ impl OrderApi {
     ) -> Self {
         OrderApi {
             pool,
-            outbox,
+            placements,
             hub,
             streams,
             shutdown,

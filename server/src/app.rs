@@ -44,7 +44,7 @@ pub struct App {
     config: Config,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
-    pools: BTreeMap<Service, SqlitePool>,
+    pools: BTreeMap<Service, Databases>,
     catalog: Vec<catalog::Entry>,
     metrics: Metrics,
 }
@@ -72,9 +72,10 @@ impl App {
                 Service::Inventory => inventory::migrations(),
                 Service::Payment => payment::migrations(),
             };
-            let pool =
+            let main =
                 db::open(&path, config.db_sync, &[db::common_migrations(), migrator]).await?;
-            pools.insert(service, pool);
+            let relay = db::open_unsynced(&path).await?;
+            pools.insert(service, Databases { main, relay });
         }
         let listener = TcpListener::bind(config.grpc_addr)
             .await
@@ -130,8 +131,15 @@ impl App {
         let mut order_api = None;
         let mut dead_letter_api = None;
 
-        for (service, pool) in pools {
-            let wiring = Wiring::start(service, pool, &config, &topology, &metrics, &mut stages);
+        for (service, databases) in pools {
+            let wiring = Wiring::start(
+                service,
+                databases,
+                &config,
+                &topology,
+                &metrics,
+                &mut stages,
+            );
             brokers.push(wiring.broker.clone());
             match service {
                 Service::Order => {
@@ -154,9 +162,15 @@ impl App {
                         hub.clone()
                             .follow(wiring.pool.clone(), stages.intake.clone()),
                     );
-                    order_api = Some(OrderApi::new(
+                    let (placements, writer) = order::placement::writer(
                         wiring.pool.clone(),
                         wiring.outbox.clone(),
+                        hub.clone(),
+                    );
+                    stages.intake_tasks.spawn(writer.run(stages.intake.clone()));
+                    order_api = Some(OrderApi::new(
+                        wiring.pool.clone(),
+                        placements,
                         hub,
                         stages.streams.clone(),
                         stages.intake.clone(),
@@ -271,6 +285,13 @@ impl Stages {
     }
 }
 
+/// A service's database, and the unsynced connection its outbox relay deletes through.
+#[derive(Debug)]
+struct Databases {
+    main: SqlitePool,
+    relay: SqlitePool,
+}
+
 /// What one service needs to consume its queues: its connection, publisher, outbox and
 /// database. Starting it starts the connection supervisor and the outbox relay.
 struct Wiring {
@@ -288,7 +309,7 @@ struct Wiring {
 impl Wiring {
     fn start(
         service: Service,
-        pool: SqlitePool,
+        databases: Databases,
         config: &Config,
         topology: &Topology,
         metrics: &Metrics,
@@ -310,7 +331,7 @@ impl Wiring {
         let publisher = Arc::new(Publisher::new(broker.clone()));
         let outbox = Outbox::new(service);
         let relay = Relay::new(
-            pool.clone(),
+            databases.relay,
             outbox.clone(),
             publisher.clone(),
             topology,
@@ -319,7 +340,7 @@ impl Wiring {
         stages
             .relay_tasks
             .spawn(relay.run(stages.relay_stop.clone()));
-        metrics.probe(outbox_backlog(service, pool.clone()));
+        metrics.probe(outbox_backlog(service, databases.main.clone()));
         metrics.probe(connected(service, broker.clone()));
         let faults = Faults::for_service(&config.faults, service);
         if !faults.is_empty() {
@@ -329,7 +350,7 @@ impl Wiring {
             broker,
             publisher,
             outbox,
-            pool,
+            pool: databases.main,
             service,
             policy: config.retry_policy(),
             prefetch: config.prefetch,

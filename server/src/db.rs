@@ -45,8 +45,10 @@ pub async fn open(path: &Path, sync: DbSync, migrators: &[Migrator]) -> anyhow::
         .foreign_keys(true)
         // Other processes (a second instance, a restarted one) may hold the write lock briefly.
         .busy_timeout(Duration::from_secs(10));
+    // Writers queue for SQLite's single write lock anyway; more connections let reads
+    // (watch streams, GetOrder) proceed while writers wait.
     let pool = SqlitePoolOptions::new()
-        .max_connections(4)
+        .max_connections(8)
         .connect_with(options)
         .await
         .with_context(|| format!("opening {}", path.display()))?;
@@ -57,6 +59,23 @@ pub async fn open(path: &Path, sync: DbSync, migrators: &[Migrator]) -> anyhow::
             .with_context(|| format!("migrating {}", path.display()))?;
     }
     Ok(pool)
+}
+
+/// A one-connection pool on an already migrated database whose commits do not wait for the
+/// disk. Only for writes that may be lost in a power cut without harm: the outbox relay's
+/// deletes of confirmed rows (a lost delete means a republish, which consumers de-duplicate).
+/// Later synced commits of other connections make these durable anyway (WAL order).
+pub async fn open_unsynced(path: &Path) -> anyhow::Result<SqlitePool> {
+    let options = SqliteConnectOptions::from_str("sqlite://")?
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Off)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("opening {}", path.display()))
 }
 
 /// Starts a write transaction.

@@ -4,9 +4,11 @@
 //! - [`status`]: the state machine;
 //! - [`store`]: orders in SQLite;
 //! - [`handler`]: reactions to saga events and to dead letters;
+//! - [`placement`]: group commit of new orders;
 //! - [`watch`]: wake-ups for `WatchOrder` streams, across processes.
 
 pub mod handler;
+pub mod placement;
 pub mod status;
 pub mod store;
 pub mod watch;
@@ -103,6 +105,8 @@ pub struct Order {
     pub transaction_id: Option<String>,
     /// The key it was placed with.
     pub idempotency_key: Option<String>,
+    /// When Inventory released the stock after a failed payment, µs since the epoch.
+    pub stock_released_at: Option<i64>,
     /// Creation time, µs since the epoch.
     pub created_at: i64,
     /// Last change, µs since the epoch.

@@ -53,8 +53,20 @@ impl Outbox {
         conn: &mut SqliteConnection,
         event: &E,
     ) -> sqlx::Result<String> {
+        self.stage_with_context(conn, event, &tracing::Span::current().context())
+            .await
+    }
+
+    /// [`Outbox::stage`] with an explicit trace context, for work done on behalf of a caller
+    /// whose span is not the current one (e.g. a group commit).
+    pub async fn stage_with_context<E: Event>(
+        &self,
+        conn: &mut SqliteConnection,
+        event: &E,
+        trace: &opentelemetry::Context,
+    ) -> sqlx::Result<String> {
         let message_id = uuid::Uuid::now_v7().to_string();
-        let trace = propagation::to_map(&tracing::Span::current().context());
+        let trace = propagation::to_map(trace);
         let trace = serde_json::to_string(&trace).unwrap_or_else(|_| "{}".to_owned());
         sqlx::query(
             "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at)

@@ -30,8 +30,9 @@ use self::export::ServiceRouter;
 use crate::{config::LogFormat, service::Service};
 
 /// Default filter when `RUST_LOG` is unset: lifecycle events, one line per message handled or
-/// published (`orderflow::message`), warnings from everything else.
-pub const DEFAULT_FILTER: &str = "warn,orderflow_server=info,orderflow=info";
+/// published (`orderflow::message`), warnings from everything else. lapin is silenced: every
+/// error it logs also reaches orderflow as a result, which is logged once with context.
+pub const DEFAULT_FILTER: &str = "warn,lapin=off,orderflow_server=info,orderflow=info";
 
 /// How long an OTLP export may take before it is abandoned.
 const EXPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

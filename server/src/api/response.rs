@@ -22,6 +22,7 @@ impl From<Order> for pb::Order {
             history: order.history.iter().map(Into::into).collect(),
             transaction_id: order.transaction_id,
             idempotency_key: order.idempotency_key,
+            stock_released_at: order.stock_released_at.map(timestamp),
         }
     }
 }

@@ -21,12 +21,13 @@ impl OrderApi {
     async fn place(&self, request: pb::PlaceOrderRequest) -> Result<pb::Order, Error> {
         Span::current().record("customer.id", request.customer_id.as_str());
         let order = NewOrder::try_from(request)?;
-        let placed = store::place(&self.pool, &self.outbox, &order)
-            .await
-            .map_err(|e| match e {
-                PlaceError::KeyReused { existing } => Error::KeyReused { existing },
-                PlaceError::Database(e) => Error::from(e),
-            })?;
+        let placed = self.placements.place(order).await.map_err(|e| match e {
+            PlaceError::KeyReused { existing } => Error::KeyReused { existing },
+            PlaceError::Database(e) => Error::from(e),
+            PlaceError::ShuttingDown => {
+                Error::Unavailable("the server is shutting down; retry elsewhere".into())
+            }
+        })?;
         let order = match placed {
             Placed::Created(order) => {
                 self.metrics.order_placed();

@@ -122,6 +122,12 @@ pub const SUBSCRIPTIONS: &[Subscription] = &[
     },
     Subscription {
         service: Service::Order,
+        name: "inventory-released",
+        source: Source::Events,
+        binding_key: routing_key::INVENTORY_RELEASED,
+    },
+    Subscription {
+        service: Service::Order,
         name: "payment-processed",
         source: Source::Events,
         binding_key: routing_key::PAYMENT_PROCESSED,

@@ -74,6 +74,28 @@ impl Handler for SagaHandler {
                 },
             )
             .await
+        } else if kind == pb::InventoryReleased::full_name() {
+            // Compensation done: no status change, but the order records when it happened.
+            let event: pb::InventoryReleased = message.decode()?;
+            let Some(mut order) = store::load(cx.conn(), &event.order_id)
+                .await
+                .map_err(HandleError::transient)?
+            else {
+                return Err(HandleError::permanent(anyhow::anyhow!(
+                    "unknown order `{}`",
+                    event.order_id
+                )));
+            };
+            if order.stock_released_at.is_none() {
+                let at = event.released_at.map_or_else(crate::time::now_micros, |t| {
+                    t.seconds * 1_000_000 + i64::from(t.nanos) / 1000
+                });
+                order.stock_released_at = Some(at);
+                store::save_details(cx.conn(), &order)
+                    .await
+                    .map_err(HandleError::transient)?;
+            }
+            Ok(())
         } else if kind == pb::PaymentFailed::full_name() {
             let event: pb::PaymentFailed = message.decode()?;
             apply(
@@ -325,6 +347,7 @@ mod tests {
             failure_reason: String::new(),
             transaction_id: None,
             idempotency_key: None,
+            stock_released_at: None,
             created_at: 0,
             updated_at: 0,
             history: vec![],

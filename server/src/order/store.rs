@@ -6,7 +6,6 @@ use sqlx::{FromRow, SqliteConnection, SqlitePool};
 
 use super::{Change, Item, NewOrder, Order, Status};
 use crate::{
-    db,
     outbox::Outbox,
     time::{self, timestamp},
 };
@@ -23,6 +22,9 @@ pub enum PlaceError {
     /// The database failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The server is shutting down and takes no new orders.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 /// What `place` did.
@@ -45,6 +47,7 @@ struct OrderRow {
     failure_reason: String,
     transaction_id: Option<String>,
     idempotency_key: Option<String>,
+    stock_released_at: Option<i64>,
     created_at: i64,
     updated_at: i64,
 }
@@ -58,7 +61,7 @@ struct ChangeRow {
 }
 
 const ORDER_COLUMNS: &str = "order_id, customer_id, items, total_cents, status, version, failure_reason, \
-     transaction_id, idempotency_key, created_at, updated_at";
+     transaction_id, idempotency_key, stock_released_at, created_at, updated_at";
 
 impl TryFrom<OrderRow> for Order {
     type Error = sqlx::Error;
@@ -76,6 +79,7 @@ impl TryFrom<OrderRow> for Order {
             failure_reason: row.failure_reason,
             transaction_id: row.transaction_id,
             idempotency_key: row.idempotency_key,
+            stock_released_at: row.stock_released_at,
             created_at: row.created_at,
             updated_at: row.updated_at,
             history: Vec::new(),
@@ -101,14 +105,15 @@ fn parse_status(s: &str) -> Result<Status, sqlx::Error> {
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown order status `{s}`").into()))
 }
 
-/// Stores a new order and stages its `OrderCreated`, or returns the order an idempotency key
-/// already names. Returns once both are committed.
+/// Stores a new order and stages its `OrderCreated` on `conn` (inside the caller's
+/// transaction, with the trace context `trace`), or returns the order an idempotency key
+/// already names. Nothing is durable until the caller commits.
 pub async fn place(
-    pool: &SqlitePool,
+    conn: &mut SqliteConnection,
     outbox: &Outbox,
     order: &NewOrder,
+    trace: &opentelemetry::Context,
 ) -> Result<Placed, PlaceError> {
-    let mut tx = db::begin(pool).await?;
     let digest = order.digest();
     if let Some(key) = &order.idempotency_key {
         let existing: Option<(String, String)> = sqlx::query_as(
@@ -116,16 +121,16 @@ pub async fn place(
         )
         .bind(&order.customer_id)
         .bind(key)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *conn)
         .await?;
         if let Some((order_id, existing_digest)) = existing {
-            drop(tx);
             if existing_digest != digest {
                 return Err(PlaceError::KeyReused { existing: order_id });
             }
-            let order = get(pool, &order_id)
+            let mut order = load(conn, &order_id)
                 .await?
                 .ok_or(sqlx::Error::RowNotFound)?;
+            order.history = history_after(conn, &order_id, 0).await?;
             return Ok(Placed::Existing(order));
         }
     }
@@ -155,9 +160,9 @@ pub async fn place(
     .bind(&digest)
     .bind(now)
     .bind(now)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
-    insert_change(&mut tx, &order_id, 1, Status::Pending, "", now).await?;
+    insert_change(conn, &order_id, 1, Status::Pending, "", now).await?;
 
     let event = pb::OrderCreated {
         order_id: order_id.clone(),
@@ -172,9 +177,7 @@ pub async fn place(
             .collect(),
         created_at: Some(timestamp(now)),
     };
-    outbox.stage(&mut tx, &event).await?;
-    tx.commit().await?;
-    outbox.wake();
+    outbox.stage_with_context(conn, &event, trace).await?;
 
     Ok(Placed::Created(Order {
         order_id,
@@ -186,6 +189,7 @@ pub async fn place(
         failure_reason: String::new(),
         transaction_id: None,
         idempotency_key: order.idempotency_key.clone(),
+        stock_released_at: None,
         created_at: now,
         updated_at: now,
         history: vec![Change {
@@ -284,7 +288,7 @@ pub async fn record(
     let status = statuses.last().copied().unwrap_or(order.status);
     sqlx::query(
         "UPDATE orders SET items = ?, total_cents = ?, status = ?, version = ?, failure_reason = ?,
-                transaction_id = ?, updated_at = ?
+                transaction_id = ?, stock_released_at = ?, updated_at = ?
          WHERE order_id = ?",
     )
     .bind(items)
@@ -293,6 +297,7 @@ pub async fn record(
     .bind(version as i64)
     .bind(&order.failure_reason)
     .bind(&order.transaction_id)
+    .bind(order.stock_released_at)
     .bind(now)
     .bind(&order.order_id)
     .execute(conn)
@@ -319,10 +324,14 @@ pub async fn has_reached(
 /// Writes the order's items, total and transaction without a status change.
 pub async fn save_details(conn: &mut SqliteConnection, order: &Order) -> sqlx::Result<()> {
     let items = serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
-    sqlx::query("UPDATE orders SET items = ?, total_cents = ?, transaction_id = ?, updated_at = ? WHERE order_id = ?")
-        .bind(items)
-        .bind(order.total_cents)
-        .bind(&order.transaction_id)
+    sqlx::query(
+        "UPDATE orders SET items = ?, total_cents = ?, transaction_id = ?, stock_released_at = ?, updated_at = ?
+         WHERE order_id = ?",
+    )
+    .bind(items)
+    .bind(order.total_cents)
+    .bind(&order.transaction_id)
+    .bind(order.stock_released_at)
         .bind(time::now_micros())
         .bind(&order.order_id)
         .execute(conn)

@@ -25,6 +25,8 @@ use crate::helpers::{WAIT, amqp_url, connect, order_request, statuses, unique_na
 /// One `orderflow-server` process and its log lines.
 pub(crate) struct Server {
     child: Child,
+    /// Reads stderr until the process closes it.
+    reader: tokio::task::JoinHandle<()>,
     pub(crate) addr: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
 }
@@ -60,7 +62,7 @@ impl Server {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let stderr = child.stderr.take().expect("stderr piped");
         let sink = logs.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             let mut addr_tx = Some(addr_tx);
             while let Ok(Some(line)) = lines.next_line().await {
@@ -79,6 +81,7 @@ impl Server {
             .expect("server did not exit before starting");
         let server = Server {
             child,
+            reader,
             addr: addr.parse().expect("a socket address"),
             logs,
         };
@@ -108,10 +111,6 @@ impl Server {
         OrderServiceClient::new(connect(self.addr).await)
     }
 
-    pub(crate) fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap().clone()
-    }
-
     /// SIGKILL: no shutdown, no flush, nothing.
     pub(crate) async fn kill9(mut self) {
         self.child.start_kill().expect("kill");
@@ -127,10 +126,13 @@ impl Server {
             .await
             .expect("kill runs");
         assert!(status.success());
-        tokio::time::timeout(WAIT, self.child.wait())
+        let status = tokio::time::timeout(WAIT, self.child.wait())
             .await
             .expect("exits in time")
-            .expect("reaped")
+            .expect("reaped");
+        // Every log line is read before anyone looks at them.
+        let _ = tokio::time::timeout(WAIT, self.reader).await;
+        status
     }
 
     /// Waits for the process to exit on its own.
@@ -412,19 +414,21 @@ async fn a_watch_on_one_instance_sees_transitions_processed_by_another() {
             "watch on A"
         );
     }
-    // Both instances consumed order events (competing consumers).
-    let handled = |server: &Server| {
-        server
-            .logs()
+    // Every transition was applied exactly once, by one instance or the other (competing
+    // consumers); counted once both have flushed their logs.
+    let (logs_a, logs_b) = (a.logs.clone(), b.logs.clone());
+    assert!(b.terminate().await.success());
+    assert!(a.terminate().await.success());
+    let handled = |logs: &Arc<Mutex<Vec<String>>>| {
+        logs.lock()
+            .unwrap()
             .iter()
             .filter(|l| l.contains("Order status changed."))
             .count()
     };
     assert_eq!(
-        handled(&a) + handled(&b),
+        handled(&logs_a) + handled(&logs_b),
         12,
         "each transition applied once"
     );
-    assert!(b.terminate().await.success());
-    assert!(a.terminate().await.success());
 }

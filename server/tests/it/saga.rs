@@ -137,6 +137,11 @@ async fn declined_payment_releases_the_reservation() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // The order records the compensation.
+    crate::helpers::eventually("release recorded on the order", || async {
+        app.get(&placed.order_id).await.stock_released_at.is_some()
+    })
+    .await;
     // A later order can use the released stock.
     let again = app.place("erin", &[("APPLE", 10)]).await;
     assert_eq!(

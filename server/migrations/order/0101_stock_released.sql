@@ -1,0 +1,2 @@
+-- When Inventory confirmed it returned the stock of an order whose payment failed.
+ALTER TABLE orders ADD COLUMN stock_released_at INTEGER;

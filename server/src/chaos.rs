@@ -1,0 +1,204 @@
+//! Chaos runs: what production does to orderflow, on one machine, with proof that nothing is
+//! lost. A [`deployment::Deployment`] runs the three services as separate `orderflow-server`
+//! processes; a [`driver::Driver`] keeps placing orders through gRPC; [`faults`] closes broker
+//! connections, restarts the broker, kills or stops services at random; [`audit`] then checks
+//! every invariant against the services' databases.
+//!
+//! Used by the `orderflow-chaos` binary and by the resilience tests. Loopback only; every run
+//! is bounded in time and count.
+
+pub mod audit;
+pub mod broker;
+pub mod deployment;
+pub mod driver;
+pub mod faults;
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+pub use audit::Audit;
+
+use crate::service::Service;
+
+/// What one chaos run did and found.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Wall time of the run, drain included.
+    pub elapsed: Duration,
+    /// How long orders were being placed.
+    pub placing: Duration,
+    /// Faults injected, in order, with when.
+    pub faults: Vec<(Duration, String)>,
+    /// The audit of the final state.
+    pub audit: Audit,
+    /// Peak resident memory per process (KiB), across restarts.
+    pub peak_rss_kib: BTreeMap<Service, u64>,
+}
+
+impl Report {
+    /// Whether every invariant held.
+    pub fn passed(&self) -> bool {
+        self.audit.problems.is_empty() && self.audit.lost == 0 && self.audit.duplicated == 0
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a = &self.audit;
+        let secs = self.elapsed.as_secs_f64();
+        writeln!(
+            f,
+            "chaos run: {:.1} s, {} faults injected",
+            secs,
+            self.faults.len()
+        )?;
+        for (at, fault) in &self.faults {
+            writeln!(f, "  {:>6.1} s  {fault}", at.as_secs_f64())?;
+        }
+        writeln!(f, "orders placed:        {}", a.placed)?;
+        writeln!(f, "  completed:          {}", a.completed)?;
+        writeln!(f, "  rejected:           {}", a.rejected)?;
+        writeln!(f, "  payment failed:     {}", a.payment_failed)?;
+        writeln!(f, "  failed (DLQ):       {}", a.failed)?;
+        writeln!(f, "  lost:               {} (must be 0)", a.lost)?;
+        writeln!(f, "duplicated effects:   {} (must be 0)", a.duplicated)?;
+        let placing = self.placing.as_secs_f64().max(0.001);
+        writeln!(
+            f,
+            "throughput:           {:.1} orders/s placed over {placing:.1} s",
+            a.placed as f64 / placing
+        )?;
+        for (service, kib) in &self.peak_rss_kib {
+            writeln!(
+                f,
+                "peak RSS {:<10}  {:.1} MiB",
+                service.as_str(),
+                *kib as f64 / 1024.0
+            )?;
+        }
+        for problem in &a.problems {
+            writeln!(f, "PROBLEM: {problem}")?;
+        }
+        write!(f, "{}", if self.passed() { "PASS" } else { "FAIL" })
+    }
+}
+
+/// What a chaos run does.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The processes.
+    pub deployment: deployment::Settings,
+    /// How long orders keep coming and faults keep happening.
+    pub duration: Duration,
+    /// Which faults to pick from; none for a plain load run.
+    pub faults: Vec<faults::Fault>,
+    /// Time between faults: uniform in this range.
+    pub fault_interval: (Duration, Duration),
+    /// The order stream.
+    pub plan: driver::Plan,
+    /// Initial stock per SKU (the catalog the processes were given).
+    pub initial_stock: std::collections::HashMap<String, i64>,
+    /// How long the system may take to finish in-flight orders after the run.
+    pub settle_timeout: Duration,
+}
+
+/// Runs a deployment under orders and faults, then audits it. Stops its processes and deletes
+/// its broker namespace afterwards.
+pub async fn run(settings: Settings) -> anyhow::Result<Report> {
+    use rand::Rng as _;
+
+    let started = std::time::Instant::now();
+    let namespace = settings.deployment.namespace.clone();
+    let mut deployment = deployment::Deployment::start(settings.deployment.clone()).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run_id = format!("{namespace}-{}", uuid::Uuid::new_v4().simple());
+    let mut driver = {
+        let (addr, plan, stop) = (deployment.order_addr(), settings.plan.clone(), stop.clone());
+        tokio::spawn(async move { driver::run(addr, plan, &run_id, stop).await })
+    };
+
+    let mut injected = Vec::new();
+    let mut finished = None;
+    let result: anyhow::Result<()> = async {
+        loop {
+            let (low, high) = settings.fault_interval;
+            let wait = if high > low {
+                rand::rng().random_range(low..high)
+            } else {
+                low
+            };
+            let remaining = settings.duration.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(remaining)) => {}
+                // The plan's order count is reached: nothing left to disturb.
+                done = &mut driver => {
+                    finished = Some(done);
+                    return Ok(());
+                }
+            }
+            deployment.sample_memory();
+            if settings.faults.is_empty() || started.elapsed() >= settings.duration {
+                continue;
+            }
+            let fault = settings.faults[rand::rng().random_range(0..settings.faults.len())];
+            let at = started.elapsed();
+            let what = faults::inject(fault, &mut deployment, &namespace).await?;
+            tracing::info!(fault = %fault, what = %what, "Injected a fault.");
+            injected.push((at, format!("{fault}: {what}")));
+        }
+    }
+    .await;
+    stop.cancel();
+    let placed = match finished {
+        Some(done) => done??,
+        None => driver.await??,
+    };
+    let placing = placed.elapsed;
+    result?;
+
+    let settled = audit::wait_settled(deployment.data_dir(), settings.settle_timeout).await?;
+    let mut audit = audit::audit(
+        deployment.data_dir(),
+        &placed.accepted,
+        &settings.initial_stock,
+    )
+    .await?;
+    if !settled {
+        audit.problems.push(format!(
+            "the system did not settle within {:?}",
+            settings.settle_timeout
+        ));
+    }
+    if !placed.abandoned.is_empty() {
+        // Not losses (the client gave up before the server accepted them), but worth seeing.
+        tracing::warn!(
+            abandoned = placed.abandoned.len(),
+            "Some orders were never accepted by the API."
+        );
+    }
+    let peak_rss_kib = deployment.peak_rss_kib();
+    deployment.stop().await?;
+    delete_namespace(&settings.deployment.amqp_url, &namespace).await;
+    Ok(Report {
+        elapsed: started.elapsed(),
+        placing,
+        faults: injected,
+        audit,
+        peak_rss_kib,
+    })
+}
+
+/// Deletes every queue and exchange of `namespace` (best effort).
+pub async fn delete_namespace(amqp_url: &str, namespace: &str) {
+    let topology = crate::bus::Topology::new(namespace, 20, 1);
+    if let Ok(conn) =
+        lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await
+    {
+        if let Ok(channel) = conn.create_channel().await {
+            let _ = topology.delete(&channel).await;
+        }
+        let _ = conn.close(200, "chaos cleanup".into()).await;
+    }
+}

@@ -1,0 +1,175 @@
+//! Group commit for `PlaceOrder`. Every commit of the order database waits for the disk (with
+//! `--db-sync full`, milliseconds), so concurrent PlaceOrder calls hand their orders to one
+//! writer task that stores everything waiting in a single transaction: under load, one disk
+//! sync serves a whole batch; alone, an order is committed at once. Each caller gets its answer
+//! only after the commit, so "accepted" still means "durable".
+
+use sqlx::{Acquire as _, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use super::{
+    NewOrder,
+    store::{self, PlaceError, Placed},
+    watch::Hub,
+};
+use crate::{db, outbox::Outbox};
+
+/// Most orders one transaction stores.
+const BATCH: usize = 256;
+
+type Reply = oneshot::Sender<Result<Placed, PlaceError>>;
+
+struct Request {
+    order: NewOrder,
+    trace: opentelemetry::Context,
+    reply: Reply,
+}
+
+/// Hands orders to the writer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Placements {
+    tx: mpsc::Sender<Request>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("customer", &self.order.customer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Placements {
+    /// Stores `order` (or finds it by idempotency key); returns once committed.
+    pub async fn place(&self, order: NewOrder) -> Result<Placed, PlaceError> {
+        let (reply, answer) = oneshot::channel();
+        let trace = tracing::Span::current().context();
+        self.tx
+            .send(Request {
+                order,
+                trace,
+                reply,
+            })
+            .await
+            .map_err(|_| PlaceError::ShuttingDown)?;
+        answer.await.map_err(|_| PlaceError::ShuttingDown)?
+    }
+}
+
+/// The writer task's state.
+#[derive(Debug)]
+pub struct Writer {
+    rx: mpsc::Receiver<Request>,
+    pool: SqlitePool,
+    outbox: Outbox,
+    hub: Hub,
+}
+
+/// A writer and the handle callers use. Requests queue up to `BATCH * 4`; beyond that callers
+/// wait, so a burst is absorbed without unbounded memory.
+pub fn writer(pool: SqlitePool, outbox: Outbox, hub: Hub) -> (Placements, Writer) {
+    let (tx, rx) = mpsc::channel(BATCH * 4);
+    (
+        Placements { tx },
+        Writer {
+            rx,
+            pool,
+            outbox,
+            hub,
+        },
+    )
+}
+
+impl Writer {
+    /// Stores orders until `shutdown`, then finishes what is already queued.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        loop {
+            let first = tokio::select! {
+                request = self.rx.recv() => match request {
+                    Some(request) => request,
+                    None => return Ok(()),
+                },
+                _ = shutdown.cancelled() => {
+                    self.rx.close();
+                    while let Some(request) = self.rx.recv().await {
+                        self.commit(vec![request]).await;
+                    }
+                    return Ok(());
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match self.rx.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch).await;
+        }
+    }
+
+    /// Stores one batch in one transaction and answers every caller.
+    async fn commit(&self, batch: Vec<Request>) {
+        let mut tx = match db::begin(&self.pool).await {
+            Ok(tx) => tx,
+            Err(error) => return fail_all(batch, &error),
+        };
+        let mut results = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for Request {
+            order,
+            trace,
+            reply,
+        } in batch
+        {
+            // A savepoint per order: one failing (a reused key) must not undo the others.
+            let result = match tx.begin().await {
+                Ok(mut savepoint) => {
+                    match store::place(&mut savepoint, &self.outbox, &order, &trace).await {
+                        Ok(placed) => savepoint
+                            .commit()
+                            .await
+                            .map(|()| placed)
+                            .map_err(PlaceError::from),
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(error) => Err(error.into()),
+            };
+            results.push(result);
+            replies.push(reply);
+        }
+        if let Err(error) = tx.commit().await {
+            for reply in replies {
+                let _ = reply.send(Err(PlaceError::Database(clone_error(&error))));
+            }
+            return;
+        }
+        if results.iter().any(|r| matches!(r, Ok(Placed::Created(_)))) {
+            self.outbox.wake();
+        }
+        for (result, reply) in results.into_iter().zip(replies) {
+            if let Ok(Placed::Created(order)) = &result {
+                self.hub.notify(&order.order_id, order.version);
+            }
+            // A caller that went away (deadline, disconnect) still has its order stored; a
+            // retry with the same idempotency key finds it.
+            let _ = reply.send(result);
+        }
+    }
+}
+
+fn fail_all(batch: Vec<Request>, error: &sqlx::Error) {
+    for request in batch {
+        let _ = request
+            .reply
+            .send(Err(PlaceError::Database(clone_error(error))));
+    }
+}
+
+/// sqlx errors are not `Clone`; keep the message for each caller.
+fn clone_error(error: &sqlx::Error) -> sqlx::Error {
+    sqlx::Error::Protocol(format!("storing the order failed: {error}"))
+}
