@@ -1,0 +1,273 @@
+//! Resilience against the real broker and the real binary, run as separate processes: broker
+//! restarts, connections closed by the broker, services killed or stopped mid-load, and a
+//! 5,000-order load. Every run ends with a full audit: every accepted order terminal, none
+//! twice, stock arithmetic exact.
+//!
+//! These tests restart the shared RabbitMQ, so they live in their own test binary (cargo runs
+//! test binaries one after another) and take turns within it.
+
+use std::{collections::HashMap, time::Duration};
+
+use orderflow_proto::orderflow::v1::{
+    self as pb, OrderStatus, order_service_client::OrderServiceClient,
+};
+use orderflow_server::chaos::{
+    self, Report, audit, broker,
+    deployment::{self, Deployment},
+    driver::{self, Plan},
+    faults::Fault,
+};
+use tokio::sync::Mutex;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// One test at a time: they disturb the broker everyone shares.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+const CATALOG: &[(&str, i64, i64)] = &[
+    ("R-AAA", 500, 1_000_000),
+    ("R-BBB", 1_250, 1_000_000),
+    ("R-SCARCE", 300, 60),
+    ("R-PRICEY", 80_000, 1_000_000),
+];
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn settings(dir: &std::path::Path, namespace: &str) -> deployment::Settings {
+    let catalog: Vec<serde_json::Value> = CATALOG
+        .iter()
+        .map(|(sku, price, stock)| serde_json::json!({"sku": sku, "name": sku, "price_cents": price, "stock": stock}))
+        .collect();
+    let path = dir.join("catalog.json");
+    std::fs::write(&path, serde_json::to_string(&catalog).unwrap()).unwrap();
+    deployment::Settings {
+        server_bin: env!("CARGO_BIN_EXE_orderflow-server").into(),
+        namespace: namespace.to_owned(),
+        data_dir: dir.to_owned(),
+        amqp_url: amqp_url(),
+        args: vec![
+            "--catalog".into(),
+            path.display().to_string(),
+            "--retry-initial-delay".into(),
+            "100ms".into(),
+        ],
+        env: vec![],
+    }
+}
+
+fn plan(rate: f64, in_flight: usize, max_orders: usize) -> Plan {
+    Plan {
+        skus: CATALOG.iter().map(|(s, _, _)| (*s).to_owned()).collect(),
+        rate,
+        in_flight,
+        max_orders,
+        give_up_after: Duration::from_secs(120),
+    }
+}
+
+fn initial_stock() -> HashMap<String, i64> {
+    CATALOG
+        .iter()
+        .map(|(s, _, n)| ((*s).to_owned(), *n))
+        .collect()
+}
+
+fn namespace() -> String {
+    format!(
+        "resilience-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+async fn chaos_run(
+    faults: Vec<Fault>,
+    duration: Duration,
+    interval: (Duration, Duration),
+    plan: Plan,
+) -> Report {
+    let dir = tempfile::tempdir().unwrap();
+    let report = chaos::run(chaos::Settings {
+        deployment: settings(dir.path(), &namespace()),
+        duration,
+        faults,
+        fault_interval: interval,
+        plan,
+        initial_stock: initial_stock(),
+        settle_timeout: Duration::from_secs(120),
+    })
+    .await
+    .expect("chaos run completes");
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_by_the_broker_lose_nothing() {
+    let _turn = SERIAL.lock().await;
+    let report = chaos_run(
+        vec![Fault::CloseConnections],
+        Duration::from_secs(15),
+        (Duration::from_secs(2), Duration::from_secs(4)),
+        plan(40.0, 32, 100_000),
+    )
+    .await;
+    assert!(report.faults.len() >= 2, "{report}");
+    assert!(report.audit.placed > 200, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_stopped_services_lose_nothing() {
+    let _turn = SERIAL.lock().await;
+    let report = chaos_run(
+        vec![Fault::KillService, Fault::StopService],
+        Duration::from_secs(20),
+        (Duration::from_secs(2), Duration::from_secs(4)),
+        plan(40.0, 32, 100_000),
+    )
+    .await;
+    assert!(report.faults.len() >= 2, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_in_time_and_the_restart_finishes_the_rest() {
+    let _turn = SERIAL.lock().await;
+    let report = chaos_run(
+        vec![Fault::StopService],
+        Duration::from_secs(15),
+        (Duration::from_secs(3), Duration::from_secs(5)),
+        plan(150.0, 128, 100_000),
+    )
+    .await;
+    // Each stop must have been graceful (exit 0 within the grace period) for the run to pass.
+    assert!(
+        report
+            .faults
+            .iter()
+            .all(|(_, what)| what.contains("SIGTERM")),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_concurrent_orders_all_finish() {
+    let _turn = SERIAL.lock().await;
+    let report = chaos_run(
+        vec![],
+        Duration::from_secs(300),
+        (Duration::from_secs(1), Duration::from_secs(1)),
+        plan(5_000.0, 500, 5_000),
+    )
+    .await;
+    assert_eq!(report.audit.placed, 5_000, "{report}");
+}
+
+async fn serving(addr: std::net::SocketAddr) -> Option<bool> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(status.into_inner().status == 1)
+}
+
+async fn wait_health(deployment: &Deployment, want: bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for service in orderflow_server::service::Service::ALL {
+        while serving(deployment.addr(service)).await != Some(want) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{service} never reported serving={want}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_delays_orders_but_loses_none() {
+    let _turn = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let namespace = namespace();
+    let mut deployment = Deployment::start(settings(dir.path(), &namespace))
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let driver = {
+        let (addr, stop, namespace) = (deployment.order_addr(), stop.clone(), namespace.clone());
+        tokio::spawn(
+            async move { driver::run(addr, plan(40.0, 32, 100_000), &namespace, stop).await },
+        )
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Stop the broker; every service notices and reports NOT_SERVING.
+    let restart = tokio::spawn(broker::restart(Duration::from_secs(4)));
+    wait_health(&deployment, false).await;
+    // PlaceOrder keeps accepting orders: they are stored, with their event in the outbox.
+    let mut client = OrderServiceClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", deployment.order_addr()))
+            .unwrap()
+            .connect_lazy(),
+    );
+    let during = client
+        .place_order(pb::PlaceOrderRequest {
+            customer_id: "during-outage".into(),
+            items: vec![pb::OrderItem {
+                sku: "R-AAA".into(),
+                quantity: 1,
+            }],
+            idempotency_key: None,
+        })
+        .await
+        .expect("accepted while the broker is down")
+        .into_inner();
+    assert_eq!(during.status(), OrderStatus::Pending);
+    restart.await.unwrap().expect("broker restarted");
+    // Back: every service reconnects, re-declares its topology and reports SERVING again.
+    wait_health(&deployment, true).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let placed = driver.await.unwrap().unwrap();
+
+    assert!(
+        audit::wait_settled(dir.path(), Duration::from_secs(120))
+            .await
+            .unwrap(),
+        "settles"
+    );
+    let mut accepted = placed.accepted.clone();
+    accepted.push(during.order_id.clone());
+    let report = audit::audit(dir.path(), &accepted, &initial_stock())
+        .await
+        .unwrap();
+    println!(
+        "broker restart: {} orders placed, {report:?}",
+        report.placed
+    );
+    assert!(
+        report.problems.is_empty() && report.lost == 0 && report.duplicated == 0,
+        "{report:?}"
+    );
+    let order = client
+        .get_order(pb::GetOrderRequest {
+            order_id: during.order_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        order.status(),
+        OrderStatus::Completed,
+        "the order taken during the outage completed"
+    );
+    deployment.stop().await.unwrap();
+    chaos::delete_namespace(&amqp_url(), &namespace).await;
+}
