@@ -582,3 +582,79 @@ async fn a_message_that_is_never_acknowledged_is_dead_lettered_by_the_delivery_l
     assert_eq!(header_str(&FieldTable::default(), "x"), None);
     let _ = AMQPValue::Boolean(true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_does_not_take_down_the_consumer() {
+    let app = spawn_app_with(|c| c.faults = parse_rules("payment:panic:1").unwrap()).await;
+    let first = app.place("alice", &[("KB-001", 1)]).await;
+    let second = app.place("bob", &[("MS-002", 1)]).await;
+    // The panic is caught, the delivery follows the retry path, and the consumer keeps going.
+    assert_eq!(
+        app.terminal(&first.order_id).await.status(),
+        OrderStatus::Completed
+    );
+    assert_eq!(
+        app.terminal(&second.order_id).await.status(),
+        OrderStatus::Completed
+    );
+    assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_events_wait_in_the_outbox_until_they_can_be_delivered() {
+    use lapin::options::QueueBindOptions;
+    let app = spawn_app_with(|_| {}).await;
+    let conn = raw_connection().await;
+    let channel = conn.create_channel().await.unwrap();
+    let queue = format!("{}.inventory.order-created", app.namespace);
+    let events = format!("{}.events", app.namespace);
+    // Nothing is bound for order.created: a mandatory publish comes back unroutable.
+    channel
+        .queue_unbind(
+            queue.as_str().into(),
+            events.as_str().into(),
+            "order.created".into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let placed = app.place("alice", &[("KB-001", 1)]).await;
+    let orders = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        app.db_path(Service::Order).display()
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (waiting,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox")
+        .fetch_one(&orders)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 1, "not dropped: the event waits in the outbox");
+    assert_eq!(
+        app.get(&placed.order_id).await.status(),
+        OrderStatus::Pending
+    );
+
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            events.as_str().into(),
+            "order.created".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        app.terminal(&placed.order_id).await.status(),
+        OrderStatus::Completed,
+        "delivered once routable"
+    );
+    let (waiting,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox")
+        .fetch_one(&orders)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 0);
+    conn.close(200, "ok".into()).await.ok();
+}
