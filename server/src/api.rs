@@ -3,6 +3,7 @@
 //! `grpc.health.v1.Health` service and server reflection, so `grpcurl` works with no .proto
 //! files. This module and its children are the only place tonic server types appear.
 
+pub mod auth;
 mod dead_letters;
 mod error;
 pub mod request;
@@ -21,10 +22,14 @@ use sqlx::SqlitePool;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::Server;
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Identity, Server, ServerTlsConfig},
+};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use self::auth::{Api, Tokens};
 pub use dead_letters::DeadLetterApi;
 pub use error::{Error, Violation};
 
@@ -74,13 +79,45 @@ impl OrderApi {
     }
 }
 
-/// Serves gRPC on `listener` until `shutdown`: health and reflection always, `OrderService`
-/// and `DeadLetters` when given (where the order service runs).
+/// How the gRPC server protects itself.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// TLS certificate chain and private key (PEM); plaintext when `None`.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Bearer tokens; anyone may call when `None`.
+    pub tokens: Option<Arc<Tokens>>,
+    /// Extra CA (PEM) trusted for `amqps://` broker connections.
+    pub amqp_ca_cert: Option<String>,
+    /// Largest request message accepted, after decompression.
+    pub max_request_bytes: usize,
+    /// Concurrent HTTP/2 streams (calls) per client connection.
+    pub max_streams_per_connection: u32,
+}
+
+/// Checks each call's bearer token for one API (or lets everyone in when none are configured).
+#[derive(Debug, Clone)]
+struct Guard {
+    tokens: Option<Arc<Tokens>>,
+    api: Api,
+}
+
+impl tonic::service::Interceptor for Guard {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        match &self.tokens {
+            Some(tokens) => tokens.authorize(self.api, request),
+            None => auth::open(request),
+        }
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown`: health and reflection always (no token needed),
+/// `OrderService` and `DeadLetters` when given (where the order service runs).
 pub async fn serve(
     listener: TcpListener,
     orders: Option<OrderApi>,
     dead_letters: Option<DeadLetterApi>,
     health: HealthServer<impl Health>,
+    security: Security,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
@@ -88,13 +125,37 @@ pub async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .context("building reflection v1alpha")?;
-    Server::builder()
+    let guard = |api| Guard {
+        tokens: security.tokens.clone(),
+        api,
+    };
+    let limit = security.max_request_bytes;
+    let orders = orders.map(|api| {
+        InterceptedService::new(
+            OrderServiceServer::new(api).max_decoding_message_size(limit),
+            guard(Api::Orders),
+        )
+    });
+    let dead_letters = dead_letters.map(|api| {
+        InterceptedService::new(
+            DeadLettersServer::new(api).max_decoding_message_size(limit),
+            guard(Api::DeadLetters),
+        )
+    });
+    let mut server = Server::builder();
+    if let Some((cert, key)) = &security.tls {
+        server = server
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .context("configuring TLS")?;
+    }
+    server
+        .max_concurrent_streams(Some(security.max_streams_per_connection))
         .trace_fn(request_span)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_optional_service(orders.map(OrderServiceServer::new))
-        .add_optional_service(dead_letters.map(DeadLettersServer::new))
+        .add_optional_service(orders)
+        .add_optional_service(dead_letters)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await
         .context("gRPC server failed")

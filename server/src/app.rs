@@ -16,7 +16,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{error, info, warn};
 
 use crate::{
-    api::{self, DeadLetterApi, OrderApi},
+    api::{self, DeadLetterApi, OrderApi, Security, auth::Tokens},
     bus::{
         Broker, Consumer, ConsumerSettings, Publisher, RetryPolicy, Topology,
         dead_letters::DeadLetterQueues,
@@ -45,6 +45,7 @@ pub struct App {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     pools: BTreeMap<Service, Databases>,
+    security: Security,
     catalog: Vec<catalog::Entry>,
     metrics: Metrics,
 }
@@ -77,6 +78,7 @@ impl App {
             let relay = db::open_unsynced(&path).await?;
             pools.insert(service, Databases { main, relay });
         }
+        let security = security(&config)?;
         let listener = TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("binding the gRPC address {}", config.grpc_addr))?;
@@ -93,6 +95,7 @@ impl App {
             listener,
             metrics_listener,
             pools,
+            security,
             catalog,
             metrics: Metrics::default(),
         })
@@ -117,6 +120,7 @@ impl App {
             listener,
             metrics_listener,
             pools,
+            security,
             catalog,
             metrics,
         } = self;
@@ -136,6 +140,7 @@ impl App {
                 service,
                 databases,
                 &config,
+                &security,
                 &topology,
                 &metrics,
                 &mut stages,
@@ -222,6 +227,7 @@ impl App {
             order_api,
             dead_letter_api,
             health_service,
+            security,
             stages.intake.clone(),
         ));
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -285,6 +291,46 @@ impl Stages {
     }
 }
 
+/// Reads the TLS identity and the token file, and warns loudly if the API is open.
+fn security(config: &Config) -> anyhow::Result<Security> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some((
+            std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+            std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+        )),
+        _ => None,
+    };
+    let tokens = config
+        .auth_tokens
+        .as_deref()
+        .map(Tokens::load)
+        .transpose()?
+        .map(Arc::new);
+    if tokens.is_none() && config.services.contains(&Service::Order) {
+        warn!(
+            "NO AUTHENTICATION: anyone who can reach {} may place orders, read every customer's orders and \
+             replay or purge dead letters. Set ORDERFLOW_AUTH_TOKENS (see README, Security).",
+            config.grpc_addr
+        );
+    }
+    if tls.is_none() && !config.grpc_addr.ip().is_loopback() {
+        warn!(grpc.addr = %config.grpc_addr, "gRPC is served in plaintext on a non-loopback address; set ORDERFLOW_TLS_CERT and ORDERFLOW_TLS_KEY.");
+    }
+    let amqp_ca_cert = match &config.amqp_ca_cert {
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Security {
+        tls,
+        tokens,
+        amqp_ca_cert,
+        max_request_bytes: config.max_request_bytes,
+        max_streams_per_connection: config.max_streams_per_connection,
+    })
+}
+
 /// A service's database, and the unsynced connection its outbox relay deletes through.
 #[derive(Debug)]
 struct Databases {
@@ -302,6 +348,7 @@ struct Wiring {
     service: Service,
     policy: RetryPolicy,
     prefetch: u16,
+    max_message_bytes: usize,
     faults: Faults,
     metrics: Metrics,
 }
@@ -311,6 +358,7 @@ impl Wiring {
         service: Service,
         databases: Databases,
         config: &Config,
+        security: &Security,
         topology: &Topology,
         metrics: &Metrics,
         stages: &mut Stages,
@@ -324,7 +372,8 @@ impl Wiring {
             DeclareTopology::All => Declare::All,
             DeclareTopology::Verify => Declare::Verify(service),
         };
-        let broker = Broker::new(config.amqp_url.clone(), name, topology.clone(), declare);
+        let broker = Broker::new(config.amqp_url.clone(), name, topology.clone(), declare)
+            .with_ca_cert(security.amqp_ca_cert.clone());
         stages
             .broker_tasks
             .spawn(broker.clone().run(stages.broker_stop.clone()));
@@ -354,6 +403,7 @@ impl Wiring {
             service,
             policy: config.retry_policy(),
             prefetch: config.prefetch,
+            max_message_bytes: config.max_message_bytes,
             faults,
             metrics: metrics.clone(),
         }
@@ -380,6 +430,7 @@ impl Wiring {
             service: self.service,
             policy: self.policy,
             prefetch: self.prefetch,
+            max_message_bytes: self.max_message_bytes,
         };
         Consumer::new(
             self.broker.clone(),

@@ -104,6 +104,40 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_FAULTS", value_delimiter = ',')]
     pub faults: Vec<crate::fault::Rule>,
 
+    /// TLS certificate chain (PEM) of the gRPC server. With `--tls-key`, the server speaks TLS
+    /// only; without both, plaintext (local use).
+    #[arg(long, env = "ORDERFLOW_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) for `--tls-cert`.
+    #[arg(long, env = "ORDERFLOW_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// JSON file of bearer tokens and their roles (see README, Security). Without it anyone who
+    /// reaches the port may call every API.
+    #[arg(long, env = "ORDERFLOW_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// Largest gRPC request message accepted, in bytes.
+    #[arg(long, env = "ORDERFLOW_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Concurrent calls (HTTP/2 streams) per client connection.
+    #[arg(
+        long,
+        env = "ORDERFLOW_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub max_streams_per_connection: u32,
+
+    /// CA certificate (PEM) to trust for `amqps://` broker URLs, in addition to the system's.
+    #[arg(long, env = "ORDERFLOW_AMQP_CA_CERT")]
+    pub amqp_ca_cert: Option<PathBuf>,
+
+    /// Deliveries larger than this many bytes are refused to the dead-letter queue unread.
+    #[arg(long, env = "ORDERFLOW_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_message_bytes: usize,
+
     /// Most concurrent `WatchOrder` streams this server serves.
     #[arg(long, env = "ORDERFLOW_MAX_WATCH_STREAMS", default_value_t = crate::api::DEFAULT_MAX_WATCHES)]
     pub max_watch_streams: usize,
@@ -159,6 +193,8 @@ pub enum DbSync {
 pub struct AmqpUrl {
     secret: SecretString,
     redacted: String,
+    /// Why lapin would refuse it, if it would.
+    problem: Option<String>,
 }
 
 impl AmqpUrl {
@@ -176,15 +212,18 @@ impl AmqpUrl {
 impl FromStr for AmqpUrl {
     type Err = String;
 
+    /// Never fails: a malformed URL is reported by [`Config::validate`], redacted. (clap would
+    /// echo a refused value verbatim, password included.)
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         // lapin's parser is the one that will connect, so it decides what is valid. Its error
         // text never contains the input, so it cannot leak the password.
-        lapin::uri::AMQPUri::from_str(s).map_err(|e| {
+        let problem = lapin::uri::AMQPUri::from_str(s).err().map(|e| {
             format!("malformed AMQP URL ({e}); expected amqp://user:password@host:port/vhost")
-        })?;
+        });
         Ok(AmqpUrl {
             secret: SecretString::from(s.to_owned()),
             redacted: redact(s),
+            problem,
         })
     }
 }
@@ -220,6 +259,9 @@ impl Config {
     /// Checks what clap's types cannot express. Returns every problem, not just the first.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
+        if let Some(problem) = &self.amqp_url.problem {
+            problems.push(format!("--amqp-url {}: {problem}", self.amqp_url.redacted));
+        }
         if self.services.is_empty() {
             problems.push("--services: name at least one of order, inventory, payment".to_owned());
         }
@@ -249,6 +291,24 @@ impl Config {
                 "--retry-initial-delay: must be above zero and at most --retry-max-delay"
                     .to_owned(),
             );
+        }
+        for (flag, path) in [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--auth-tokens", &self.auth_tokens),
+            ("--amqp-ca-cert", &self.amqp_ca_cert),
+        ] {
+            if let Some(path) = path
+                && !path.is_file()
+            {
+                problems.push(format!("{flag} {}: no such file", path.display()));
+            }
+        }
+        if self.max_request_bytes < 1024 {
+            problems.push("--max-request-bytes: must be at least 1024".to_owned());
+        }
+        if self.max_message_bytes < 1024 {
+            problems.push("--max-message-bytes: must be at least 1024".to_owned());
         }
         if self.delivery_limit == 0 {
             problems.push("--delivery-limit: must be at least 1".to_owned());
@@ -325,12 +385,20 @@ mod tests {
 
     #[test]
     fn malformed_url_is_refused_without_echoing_it() {
-        let err = "amqp://svc:hunter2@localhost:notaport/%2f"
-            .parse::<AmqpUrl>()
-            .unwrap_err();
-        assert!(err.contains("malformed AMQP URL"), "{err}");
-        assert!(!err.contains("hunter2"), "{err}");
-        assert!(parse(&["--amqp-url", "http://x"]).is_err());
+        let cfg = parse(&["--amqp-url", "amqp://svc:hunter2@localhost:notaport/%2f"]).unwrap();
+        let problems = cfg.validate().unwrap_err().join("\n");
+        assert!(problems.contains("malformed AMQP URL"), "{problems}");
+        assert!(
+            problems.contains("amqp://svc:***@localhost:notaport/%2f"),
+            "{problems}"
+        );
+        assert!(!problems.contains("hunter2"), "{problems}");
+        assert!(
+            parse(&["--amqp-url", "http://x"])
+                .unwrap()
+                .validate()
+                .is_err()
+        );
     }
 
     #[test]

@@ -363,8 +363,30 @@ mod tests {
     }
 
     #[test]
-    fn decodes_events_to_proto_json() {
-        let api = DeadLetterApi {
+    fn showing_hostile_dead_letters_never_panics() {
+        use rand::{Rng as _, SeedableRng as _};
+        let api = api();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let kinds = [
+            Some("orderflow.v1.OrderCreated"),
+            Some("orderflow.v1.PaymentFailed"),
+            Some("x"),
+            None,
+        ];
+        for i in 0..5_000 {
+            let len = rng.random_range(0..200);
+            let body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let _ = api.decode(kinds[i % kinds.len()], &body);
+        }
+        let (json, error) = api.decode(
+            Some("orderflow.v1.OrderCreated"),
+            &[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f],
+        );
+        assert!(json.is_empty() && !error.is_empty());
+    }
+
+    fn api() -> DeadLetterApi {
+        DeadLetterApi {
             queues: DeadLetterQueues::new(crate::bus::Broker::new(
                 "amqp://localhost".parse().unwrap(),
                 "test",
@@ -373,7 +395,12 @@ mod tests {
             )),
             topology: Topology::new("ns", 1, 1),
             descriptors: DescriptorPool::decode(orderflow_proto::FILE_DESCRIPTOR_SET).unwrap(),
-        };
+        }
+    }
+
+    #[test]
+    fn decodes_events_to_proto_json() {
+        let api = api();
         let body = prost::Message::encode_to_vec(&pb::OrderCreated {
             order_id: "o-1".into(),
             customer_id: "alice".into(),

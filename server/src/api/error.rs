@@ -29,6 +29,9 @@ pub enum Error {
         /// The order the key belongs to.
         existing: String,
     },
+    /// The caller's token does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
     /// A limit on concurrent work was reached.
     #[error("{0}")]
     Exhausted(String),
@@ -77,6 +80,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Status::not_found(error.to_string()),
             Error::KeyReused { .. } => Status::already_exists(error.to_string()),
             Error::Exhausted(_) => Status::resource_exhausted(error.to_string()),
+            Error::Forbidden(_) => Status::permission_denied(error.to_string()),
             Error::Unavailable(_) => Status::unavailable(error.to_string()),
             Error::Unexpected(error) => {
                 error!(error.message = %error, error.cause_chain = ?error, "Request failed unexpectedly.");

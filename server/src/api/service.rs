@@ -8,6 +8,7 @@ use tracing::{Span, info};
 
 use super::{
     OrderApi,
+    auth::Caller,
     error::{Error, finish},
     request::{self, ListQuery},
     status_stream::{self, UpdateStream},
@@ -17,9 +18,29 @@ use crate::order::{
     store::{self, PlaceError, Placed},
 };
 
+/// The caller the auth interceptor identified ([`Caller::Anyone`] when auth is off).
+fn caller<T>(request: &Request<T>) -> Caller {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or(Caller::Anyone)
+}
+
 impl OrderApi {
-    async fn place(&self, request: pb::PlaceOrderRequest) -> Result<pb::Order, Error> {
+    async fn place(
+        &self,
+        request: pb::PlaceOrderRequest,
+        caller: &Caller,
+    ) -> Result<pb::Order, Error> {
         Span::current().record("customer.id", request.customer_id.as_str());
+        if let Some(own) = caller.customer()
+            && request.customer_id != own
+        {
+            return Err(Error::Forbidden(format!(
+                "this token may only place orders for customer `{own}`"
+            )));
+        }
         let order = NewOrder::try_from(request)?;
         let placed = self.placements.place(order).await.map_err(|e| match e {
             PlaceError::KeyReused { existing } => Error::KeyReused { existing },
@@ -50,16 +71,33 @@ impl OrderApi {
         Ok(order.into())
     }
 
-    async fn get(&self, request: pb::GetOrderRequest) -> Result<pb::Order, Error> {
+    async fn get(&self, request: pb::GetOrderRequest, caller: &Caller) -> Result<pb::Order, Error> {
         let order_id = request::order_id("order_id", &request.order_id)?;
         Span::current().record("order.id", order_id.as_str());
         let order = store::get(&self.pool, &order_id)
             .await?
+            .filter(|order| caller.customer().is_none_or(|own| order.customer_id == own))
+            // Another customer's order is reported missing, not forbidden: its existence is
+            // not this caller's business.
             .ok_or(Error::NotFound(order_id))?;
         Ok(order.into())
     }
 
-    async fn list(&self, request: pb::ListOrdersRequest) -> Result<pb::ListOrdersResponse, Error> {
+    async fn list(
+        &self,
+        mut request: pb::ListOrdersRequest,
+        caller: &Caller,
+    ) -> Result<pb::ListOrdersResponse, Error> {
+        if let Some(own) = caller.customer() {
+            match &request.customer_id {
+                Some(asked) if asked != own => {
+                    return Err(Error::Forbidden(format!(
+                        "this token may only list the orders of customer `{own}`"
+                    )));
+                }
+                _ => request.customer_id = Some(own.to_owned()),
+            }
+        }
         let query = ListQuery::try_from(request)?;
         let (orders, more) = store::list(
             &self.pool,
@@ -78,10 +116,20 @@ impl OrderApi {
         })
     }
 
-    async fn watch(&self, request: pb::WatchOrderRequest) -> Result<UpdateStream, Error> {
+    async fn watch(
+        &self,
+        request: pb::WatchOrderRequest,
+        caller: &Caller,
+    ) -> Result<UpdateStream, Error> {
         let order_id = request::order_id("order_id", &request.order_id)?;
         Span::current().record("order.id", order_id.as_str());
-        status_stream::start(self, order_id, request.resume_after_version).await
+        status_stream::start(
+            self,
+            order_id,
+            request.resume_after_version,
+            caller.customer(),
+        )
+        .await
     }
 }
 
@@ -91,21 +139,24 @@ impl OrderService for OrderApi {
         &self,
         req: Request<pb::PlaceOrderRequest>,
     ) -> Result<Response<pb::Order>, Status> {
-        finish(self.place(req.into_inner()).await)
+        let caller = caller(&req);
+        finish(self.place(req.into_inner(), &caller).await)
     }
 
     async fn get_order(
         &self,
         req: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::Order>, Status> {
-        finish(self.get(req.into_inner()).await)
+        let caller = caller(&req);
+        finish(self.get(req.into_inner(), &caller).await)
     }
 
     async fn list_orders(
         &self,
         req: Request<pb::ListOrdersRequest>,
     ) -> Result<Response<pb::ListOrdersResponse>, Status> {
-        finish(self.list(req.into_inner()).await)
+        let caller = caller(&req);
+        finish(self.list(req.into_inner(), &caller).await)
     }
 
     type WatchOrderStream = UpdateStream;
@@ -114,6 +165,7 @@ impl OrderService for OrderApi {
         &self,
         req: Request<pb::WatchOrderRequest>,
     ) -> Result<Response<UpdateStream>, Status> {
-        finish(self.watch(req.into_inner()).await)
+        let caller = caller(&req);
+        finish(self.watch(req.into_inner(), &caller).await)
     }
 }

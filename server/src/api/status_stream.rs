@@ -22,11 +22,13 @@ const BUFFER: usize = 16;
 /// The stream type of `WatchOrder`.
 pub(super) type UpdateStream = ReceiverStream<Result<pb::OrderUpdate, Status>>;
 
-/// Starts following `order_id`, from after `resume_after` or from its current status.
+/// Starts following `order_id`, from after `resume_after` or from its current status. A caller
+/// restricted to one customer (`only_customer`) cannot watch another's orders.
 pub(super) async fn start(
     api: &OrderApi,
     order_id: String,
     resume_after: Option<u64>,
+    only_customer: Option<&str>,
 ) -> Result<UpdateStream, Error> {
     let permit = api.watch_slots.clone().try_acquire_owned().map_err(|_| {
         Error::Exhausted(format!(
@@ -39,6 +41,7 @@ pub(super) async fn start(
     let mut conn = api.pool.acquire().await?;
     let order = store::load(&mut conn, &order_id)
         .await?
+        .filter(|order| only_customer.is_none_or(|own| order.customer_id == own))
         .ok_or_else(|| Error::NotFound(order_id.clone()))?;
     drop(conn);
     let after = match resume_after {

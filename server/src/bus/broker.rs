@@ -64,6 +64,7 @@ struct Inner {
     connection_name: String,
     topology: Topology,
     declare: Declare,
+    ca_cert: Option<String>,
     link: watch::Sender<Option<Link>>,
     broken: Notify,
 }
@@ -82,9 +83,19 @@ impl Broker {
                 connection_name: connection_name.into(),
                 topology,
                 declare,
+                ca_cert: None,
                 link: watch::Sender::new(None),
                 broken: Notify::new(),
             }),
+        }
+    }
+
+    /// Trusts `ca_cert` (PEM) for `amqps://` URLs, in addition to the system's roots.
+    pub fn with_ca_cert(self, ca_cert: Option<String>) -> Self {
+        let mut inner = Arc::try_unwrap(self.inner).expect("configured before it is shared");
+        inner.ca_cert = ca_cert;
+        Broker {
+            inner: Arc::new(inner),
         }
     }
 
@@ -202,7 +213,12 @@ impl Broker {
         uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
         let properties = ConnectionProperties::default()
             .with_connection_name(self.inner.connection_name.clone().into());
-        let connection = Connection::connect_uri(uri, properties)
+        let tls = lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.inner.ca_cert.clone(),
+        };
+        let runtime = lapin::runtime::default_runtime().context("no async runtime")?;
+        let connection = Connection::connect_uri_with_config(uri, properties, tls, runtime)
             .await
             .context("connecting")?;
         let channel = connection

@@ -46,6 +46,8 @@ pub struct Settings {
     pub policy: RetryPolicy,
     /// Unacknowledged deliveries held at once (and the largest batch).
     pub prefetch: u16,
+    /// Larger deliveries are dead-lettered unread.
+    pub max_message_bytes: usize,
 }
 
 /// Consumes one work queue until shutdown, surviving reconnects.
@@ -57,6 +59,7 @@ pub struct Consumer<P> {
     service: Service,
     policy: RetryPolicy,
     prefetch: u16,
+    max_message_bytes: usize,
     processor: Arc<P>,
     metrics: Metrics,
 }
@@ -75,6 +78,7 @@ impl<P: Processor> Consumer<P> {
             service,
             policy,
             prefetch,
+            max_message_bytes,
         } = settings;
         Consumer {
             broker,
@@ -83,6 +87,7 @@ impl<P: Processor> Consumer<P> {
             service,
             policy,
             prefetch,
+            max_message_bytes,
             processor,
             metrics,
         }
@@ -144,13 +149,19 @@ impl<P: Processor> Consumer<P> {
                     "the broker cancelled the consumer (queue deleted?) or the channel closed"
                 );
             };
-            let mut batch = vec![Incoming::new(first?)];
+            let mut batch = Vec::with_capacity(usize::from(self.prefetch));
+            batch.extend(self.admit(Incoming::new(first?)).await?);
             // Take what has already arrived, without waiting, to share one transaction.
             while batch.len() < usize::from(self.prefetch) {
                 match deliveries.next().now_or_never() {
-                    Some(Some(Ok(delivery))) => batch.push(Incoming::new(delivery)),
+                    Some(Some(Ok(delivery))) => {
+                        batch.extend(self.admit(Incoming::new(delivery)).await?)
+                    }
                     _ => break,
                 }
+            }
+            if batch.is_empty() {
+                continue;
             }
             let results = self.process(&batch).await;
             for (incoming, result) in batch.iter().zip(results) {
@@ -164,6 +175,21 @@ impl<P: Processor> Consumer<P> {
             .await;
         let _ = channel.close(200, "consumer stopped".into()).await;
         Ok(())
+    }
+
+    /// Passes a delivery on to be processed, unless it is larger than the limit: such a message
+    /// is dead-lettered unread (decoding it could cost more than it is worth).
+    async fn admit(&self, incoming: Incoming) -> anyhow::Result<Option<Incoming>> {
+        let size = incoming.body().len();
+        if size <= self.max_message_bytes {
+            return Ok(Some(incoming));
+        }
+        let error = HandleError::permanent(anyhow::anyhow!(
+            "message of {size} bytes exceeds the limit of {} bytes",
+            self.max_message_bytes
+        ));
+        self.settle(&incoming, Err(error)).await?;
+        Ok(None)
     }
 
     /// Runs the processor; if it panics, runs each delivery alone so only the culprit fails.

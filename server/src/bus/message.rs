@@ -214,26 +214,31 @@ impl Incoming {
     /// Decodes the body as `E`, checking the `type` property first. A mismatch or a body that
     /// does not decode is permanent: retrying cannot fix it.
     pub fn decode<E: Event>(&self) -> Result<E, HandleError> {
-        let expected = E::full_name();
-        match self.kind() {
-            Some(kind) if kind == expected => {}
-            Some(kind) => {
-                return Err(HandleError::permanent(anyhow::anyhow!(
-                    "unexpected message type `{kind}` (expected `{expected}`)"
-                )));
-            }
-            None => {
-                return Err(HandleError::permanent(anyhow::anyhow!(
-                    "message has no `type` property (expected `{expected}`)"
-                )));
-            }
-        }
-        E::decode(self.body()).map_err(|e| {
-            HandleError::permanent(
-                anyhow::Error::new(e).context(format!("body does not decode as `{expected}`")),
-            )
-        })
+        decode_event(self.kind(), self.body())
     }
+}
+
+/// Decodes `body` as `E` if `kind` (the AMQP `type`) names it. Never panics, whatever the bytes.
+pub fn decode_event<E: Event>(kind: Option<&str>, body: &[u8]) -> Result<E, HandleError> {
+    let expected = E::full_name();
+    match kind {
+        Some(kind) if kind == expected => {}
+        Some(kind) => {
+            return Err(HandleError::permanent(anyhow::anyhow!(
+                "unexpected message type `{kind}` (expected `{expected}`)"
+            )));
+        }
+        None => {
+            return Err(HandleError::permanent(anyhow::anyhow!(
+                "message has no `type` property (expected `{expected}`)"
+            )));
+        }
+    }
+    E::decode(body).map_err(|e| {
+        HandleError::permanent(
+            anyhow::Error::new(e).context(format!("body does not decode as `{expected}`")),
+        )
+    })
 }
 
 /// A string-valued header, whatever AMQP string type the producer chose.
@@ -272,6 +277,78 @@ mod tests {
         assert!(s.as_str().len() <= 255);
         assert!(s.as_str().chars().all(|c| c == 'é'));
         assert_eq!(short("abc").as_str(), "abc");
+    }
+
+    /// Hostile bodies (random bytes, truncated messages, length prefixes claiming gigabytes)
+    /// are refused as permanent errors; nothing panics or allocates what the prefix claims.
+    #[test]
+    fn decoding_hostile_bodies_never_panics() {
+        use orderflow_proto::orderflow::v1 as pb;
+        use prost::Message as _;
+        use rand::{Rng as _, SeedableRng as _};
+
+        fn all(body: &[u8]) {
+            let _ = decode_event::<pb::OrderCreated>(Some("orderflow.v1.OrderCreated"), body);
+            let _ =
+                decode_event::<pb::InventoryReserved>(Some("orderflow.v1.InventoryReserved"), body);
+            let _ =
+                decode_event::<pb::InventoryRejected>(Some("orderflow.v1.InventoryRejected"), body);
+            let _ =
+                decode_event::<pb::InventoryReleased>(Some("orderflow.v1.InventoryReleased"), body);
+            let _ =
+                decode_event::<pb::PaymentProcessed>(Some("orderflow.v1.PaymentProcessed"), body);
+            let _ = decode_event::<pb::PaymentFailed>(Some("orderflow.v1.PaymentFailed"), body);
+        }
+
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x0f10_0f10);
+        let valid = pb::InventoryReserved {
+            order_id: "o-1".into(),
+            items: vec![pb::ReservedLine {
+                sku: "A".into(),
+                quantity: 3,
+                unit_price_cents: 100,
+                name: "a".into(),
+            }],
+            total_cents: 300,
+            customer_id: "c".into(),
+            reserved_at: None,
+        }
+        .encode_to_vec();
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..256);
+            let garbage: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            all(&garbage);
+        }
+        for cut in 0..valid.len() {
+            all(&valid[..cut]);
+        }
+        // Field 1 (bytes) claiming 2^32, 2^63 and u64::MAX bytes.
+        for prefix in [
+            [0x0a, 0x80, 0x80, 0x80, 0x80, 0x10].as_slice(),
+            &[0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            &[
+                0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ],
+        ] {
+            let mut body = prefix.to_vec();
+            body.extend_from_slice(b"short");
+            all(&body);
+            assert!(
+                decode_event::<pb::OrderCreated>(Some("orderflow.v1.OrderCreated"), &body).is_err()
+            );
+        }
+        assert!(
+            decode_event::<pb::InventoryReserved>(Some("orderflow.v1.InventoryReserved"), &valid)
+                .is_ok()
+        );
+        assert!(matches!(
+            decode_event::<pb::InventoryReserved>(Some("orderflow.v1.OrderCreated"), &valid),
+            Err(HandleError::Permanent(_))
+        ));
+        assert!(matches!(
+            decode_event::<pb::InventoryReserved>(None, &valid),
+            Err(HandleError::Permanent(_))
+        ));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use orderflow_proto::orderflow::v1::{
 use orderflow_server::{app::App, bus::Topology, config::Config, service::Service};
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::otlp::Collector;
 
@@ -121,6 +121,8 @@ pub(crate) fn test_config(namespace: &str, data_dir: &Path) -> Config {
 /// One running app and what a test needs to talk to it.
 #[derive(Debug)]
 pub(crate) struct TestApp {
+    /// Where its gRPC server listens.
+    grpc_addr: SocketAddr,
     /// Where it serves metrics, if configured.
     pub(crate) metrics_addr: Option<SocketAddr>,
     /// Its namespace on the broker.
@@ -144,26 +146,44 @@ pub(crate) async fn spawn_app() -> TestApp {
 
 /// Starts an app after `adjust` changed its test config.
 pub(crate) async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_tls(adjust, None).await
+}
+
+/// Starts an app whose gRPC port speaks TLS, reached with `tls` (or plaintext with `None`).
+pub(crate) async fn spawn_app_tls(
+    adjust: impl FnOnce(&mut Config),
+    tls: Option<ClientTlsConfig>,
+) -> TestApp {
     LazyLock::force(&TELEMETRY);
     raw_connection().await.close(200, "ok".into()).await.ok();
     let dir = tempfile::tempdir().expect("temp dir");
     let namespace = unique_namespace();
     let mut config = test_config(&namespace, dir.path());
     adjust(&mut config);
-    let mut app = start(config, dir.path().to_owned()).await;
+    let mut app = start(config, dir.path().to_owned(), tls).await;
     app._dir = Some(dir);
     app
 }
 
-async fn start(config: Config, data_dir: PathBuf) -> TestApp {
+async fn start(config: Config, data_dir: PathBuf, tls: Option<ClientTlsConfig>) -> TestApp {
     let app = App::build(config.clone()).await.expect("app builds");
     let addr = app.grpc_addr();
     let metrics_addr = app.metrics_addr();
     let shutdown = CancellationToken::new();
     // The app runs until the test drops its TestApp (which cancels `shutdown`).
     tokio::spawn(app.run(shutdown.clone()));
-    let channel = connect(addr).await;
+    let channel = match tls {
+        None => connect(addr).await,
+        Some(tls) => Channel::from_shared(format!("https://{addr}"))
+            .expect("valid uri")
+            .tls_config(tls)
+            .expect("TLS settings")
+            .connect()
+            .await
+            .expect("TLS handshake"),
+    };
     let test_app = TestApp {
+        grpc_addr: addr,
         metrics_addr,
         namespace: config.namespace.clone(),
         config,
@@ -240,6 +260,11 @@ impl TestApp {
             .unwrap();
         pool.close().await;
         rows.into_iter().collect()
+    }
+
+    /// The gRPC address of this app.
+    pub(crate) fn channel_addr(&self) -> SocketAddr {
+        self.grpc_addr
     }
 
     /// A DeadLetters client for this app.

@@ -12,5 +12,6 @@ mod place_order;
 mod process;
 mod readme;
 mod saga;
+mod security;
 mod watch_order;
 mod wire;

@@ -28,7 +28,7 @@ pub(crate) struct Server {
     /// Reads stderr until the process closes it.
     reader: tokio::task::JoinHandle<()>,
     pub(crate) addr: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
+    pub(crate) logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -49,7 +49,12 @@ impl Server {
             })
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--amqp-url", &amqp_url(), "--shutdown-grace", "10s"])
+            .args(["--shutdown-grace", "10s"])
+            .args(if args.contains(&"--amqp-url") {
+                vec![]
+            } else {
+                vec!["--amqp-url".to_owned(), amqp_url()]
+            })
             .args(args)
             .env("RUST_LOG", "info")
             .env_remove("ORDERFLOW_FAULTS")
