@@ -137,25 +137,9 @@ impl DeadLetterQueues {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let scan = depth(&channel, queue).await?.min(MAX_SCAN);
+        let mut scan = Scan::start(&channel, queue, selection).await?;
         let mut replayed = Vec::new();
-        let mut seen = HashSet::new();
-        for _ in 0..scan {
-            let Some(message) = channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-                .await?
-            else {
-                break;
-            };
-            let delivery = &message.delivery;
-            let id = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_owned());
-            if !selection.selects(id.as_deref()) {
-                continue; // held until the channel closes, then returned
-            }
+        while let Some(delivery) = scan.next().await? {
             let outgoing = Outgoing {
                 exchange: String::new(),
                 routing_key: work_queue.to_owned(),
@@ -167,11 +151,11 @@ impl DeadLetterQueues {
             // Only now is the dead letter settled: a crash before this line leaves it in the
             // queue, and a second replay is then absorbed by the consumer's inbox.
             delivery.acker.ack(BasicAckOptions::default()).await?;
-            seen.extend(id);
-            replayed.push(stored(delivery));
+            replayed.push(stored(&delivery));
         }
+        let not_found = scan.not_found();
         let _ = channel.close(200, "replayed".into()).await;
-        Ok((replayed, selection.not_found(&seen)))
+        Ok((replayed, not_found))
     }
 
     /// Deletes the selected messages of `queue`; returns how many, and the ids not found.
@@ -188,14 +172,52 @@ impl DeadLetterQueues {
             let _ = channel.close(200, "purged".into()).await;
             return Ok((u64::from(purged), Vec::new()));
         }
-        let scan = depth(&channel, queue).await?.min(MAX_SCAN);
-        let mut seen = HashSet::new();
-        for _ in 0..scan {
-            let Some(message) = channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-                .await?
-            else {
-                break;
+        let mut scan = Scan::start(&channel, queue, selection).await?;
+        let mut purged = 0;
+        while let Some(delivery) = scan.next().await? {
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            purged += 1;
+        }
+        let not_found = scan.not_found();
+        let _ = channel.close(200, "purged".into()).await;
+        Ok((purged, not_found))
+    }
+}
+
+/// Takes the messages of a queue one by one with `basic.get` on a private channel and yields
+/// the selected ones. The others stay unacknowledged, held by this channel until it closes,
+/// so nobody else takes them meanwhile and none is seen twice. Bounded by [`MAX_SCAN`] and by
+/// the depth at the start (messages arriving later are left for the next operation).
+struct Scan<'a> {
+    channel: &'a Channel,
+    queue: &'a str,
+    selection: &'a Selection,
+    left: u64,
+    seen: HashSet<String>,
+}
+
+impl<'a> Scan<'a> {
+    async fn start(
+        channel: &'a Channel,
+        queue: &'a str,
+        selection: &'a Selection,
+    ) -> Result<Scan<'a>, Error> {
+        let left = depth(channel, queue).await?.min(MAX_SCAN);
+        Ok(Scan {
+            channel,
+            queue,
+            selection,
+            left,
+            seen: HashSet::new(),
+        })
+    }
+
+    async fn next(&mut self) -> Result<Option<lapin::message::Delivery>, Error> {
+        while self.left > 0 {
+            self.left -= 1;
+            let options = BasicGetOptions { no_ack: false };
+            let Some(message) = self.channel.basic_get(self.queue.into(), options).await? else {
+                return Ok(None);
             };
             let id = message
                 .delivery
@@ -203,17 +225,17 @@ impl DeadLetterQueues {
                 .message_id()
                 .as_ref()
                 .map(|s| s.as_str().to_owned());
-            if selection.selects(id.as_deref()) {
-                message
-                    .delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await?;
-                seen.extend(id);
+            if self.selection.selects(id.as_deref()) {
+                self.seen.extend(id);
+                return Ok(Some(message.delivery));
             }
         }
-        let _ = channel.close(200, "purged".into()).await;
-        Ok((seen.len() as u64, selection.not_found(&seen)))
+        Ok(None)
+    }
+
+    /// Requested ids the scan did not meet.
+    fn not_found(&self) -> Vec<String> {
+        self.selection.not_found(&self.seen)
     }
 }
 

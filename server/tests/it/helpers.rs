@@ -444,26 +444,33 @@ pub(crate) async fn publish_raw(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            body,
-            properties,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert_eq!(
-        confirm,
-        lapin::Confirmation::Ack(None),
-        "broker took the message"
-    );
+    // A queue declared moments ago on a busy broker can briefly be unroutable; the services
+    // retry such publishes from their outbox, and so does this helper.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties.clone(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        match confirm {
+            lapin::Confirmation::Ack(None) => break,
+            lapin::Confirmation::Ack(Some(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("the broker did not take the message: {other:?}"),
+        }
+    }
     channel.close(200, "ok".into()).await.ok();
 }
 
@@ -481,6 +488,24 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until GetOrder through `client` reports `status` for `order_id`.
+pub(crate) async fn wait_for_status(
+    client: &OrderServiceClient<Channel>,
+    order_id: &str,
+    status: pb::OrderStatus,
+) {
+    eventually(&format!("order {order_id} {status:?}"), || {
+        let (mut client, order_id) = (client.clone(), order_id.to_owned());
+        async move {
+            client
+                .get_order(pb::GetOrderRequest { order_id })
+                .await
+                .is_ok_and(|order| order.into_inner().status() == status)
+        }
+    })
+    .await;
 }
 
 /// A PlaceOrder request.

@@ -237,20 +237,8 @@ async fn killed_mid_flow_the_order_still_completes_after_restart() {
         .await
         .unwrap()
         .into_inner();
-    crate::helpers::eventually("reserved", || {
-        let mut client = client.clone();
-        let id = placed.order_id.clone();
-        async move {
-            client
-                .get_order(pb::GetOrderRequest { order_id: id })
-                .await
-                .unwrap()
-                .into_inner()
-                .status()
-                == OrderStatus::InventoryReserved
-        }
-    })
-    .await;
+    crate::helpers::wait_for_status(&client, &placed.order_id, OrderStatus::InventoryReserved)
+        .await;
     server.kill9().await;
 
     let server = deployment.start(&[], &[]).await;

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use orderflow_proto::orderflow::v1::{self as pb, OrderStatus};
+use orderflow_proto::orderflow::v1::OrderStatus;
 
 use crate::process::Deployment;
 
@@ -125,20 +125,7 @@ async fn readme_examples_run_verbatim() {
         .await
         .unwrap()
         .into_inner();
-    crate::helpers::eventually("FAILED", || {
-        let mut client = client.clone();
-        let id = placed.order_id.clone();
-        async move {
-            client
-                .get_order(pb::GetOrderRequest { order_id: id })
-                .await
-                .unwrap()
-                .into_inner()
-                .status()
-                == OrderStatus::Failed
-        }
-    })
-    .await;
+    crate::helpers::wait_for_status(&client, &placed.order_id, OrderStatus::Failed).await;
     let block = blocks("dlq-examples").concat();
     let (out, _) = tokio::task::spawn_blocking(move || run(&block))
         .await
@@ -152,19 +139,6 @@ async fn readme_examples_run_verbatim() {
     );
     assert!(out.contains("\"reason\": \"permanent-error\""), "{out}");
     assert!(out.contains("\"replayed\""), "{out}");
-    crate::helpers::eventually("COMPLETED after the replay", || {
-        let mut client = client.clone();
-        let id = placed.order_id.clone();
-        async move {
-            client
-                .get_order(pb::GetOrderRequest { order_id: id })
-                .await
-                .unwrap()
-                .into_inner()
-                .status()
-                == OrderStatus::Completed
-        }
-    })
-    .await;
+    crate::helpers::wait_for_status(&client, &placed.order_id, OrderStatus::Completed).await;
     assert!(server.terminate().await.success());
 }

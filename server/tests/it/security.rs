@@ -508,20 +508,7 @@ async fn the_amqp_password_never_appears_in_logs_or_errors() {
         .await
         .unwrap()
         .into_inner();
-    crate::helpers::eventually("completed", || {
-        let mut client = client.clone();
-        let id = placed.order_id.clone();
-        async move {
-            client
-                .get_order(pb::GetOrderRequest { order_id: id })
-                .await
-                .unwrap()
-                .into_inner()
-                .status()
-                == OrderStatus::Completed
-        }
-    })
-    .await;
+    crate::helpers::wait_for_status(&client, &placed.order_id, OrderStatus::Completed).await;
     let logs = server.logs.clone();
     assert!(server.terminate().await.success());
     let logs = logs.lock().unwrap().join("\n");
