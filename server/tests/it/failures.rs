@@ -612,21 +612,24 @@ async fn a_panicking_handler_does_not_take_down_the_consumer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_events_wait_in_the_outbox_until_they_can_be_delivered() {
     use lapin::options::QueueBindOptions;
-    let app = spawn_app_with(|_| {}).await;
+    // The topology is declared up front and the app only verifies it (as with a definitions
+    // file), so no reconnect of the app re-creates the binding this test removes.
+    let namespace = crate::helpers::unique_namespace();
     let conn = raw_connection().await;
     let channel = conn.create_channel().await.unwrap();
-    let queue = format!("{}.inventory.order-created", app.namespace);
-    let events = format!("{}.events", app.namespace);
+    orderflow_server::bus::Topology::new(namespace.clone(), 4, 20).declare(&channel).await.unwrap();
+    let queue = format!("{namespace}.inventory.order-created");
+    let events = format!("{namespace}.events");
     // Nothing is bound for order.created: a mandatory publish comes back unroutable.
     channel
-        .queue_unbind(
-            queue.as_str().into(),
-            events.as_str().into(),
-            "order.created".into(),
-            FieldTable::default(),
-        )
+        .queue_unbind(queue.as_str().into(), events.as_str().into(), "order.created".into(), FieldTable::default())
         .await
         .unwrap();
+    let app = spawn_app_with(|c| {
+        c.namespace = namespace.clone();
+        c.declare_topology = orderflow_server::config::DeclareTopology::Verify;
+    })
+    .await;
     let placed = app.place("alice", &[("KB-001", 1)]).await;
     let orders = sqlx::SqlitePool::connect(&format!(
         "sqlite://{}",
