@@ -68,6 +68,8 @@ pub(crate) enum Command {
     List(ListArgs),
     /// Follow an order's status changes until it reaches a terminal status.
     Watch(WatchArgs),
+    /// Measure orders/s and latency of a fresh orderflow next to a raw RabbitMQ baseline.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]

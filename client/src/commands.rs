@@ -17,9 +17,15 @@ use crate::{
 
 /// Connects and runs the chosen subcommand.
 pub(crate) async fn run(cli: Cli) -> Result<()> {
+    // The bench starts and connects to its own servers.
+    let command = match cli.command {
+        Command::Bench(args) => return crate::bench::run(args, cli.json, cli.timeout).await,
+        command => command,
+    };
     let mut api = Api::connect(&cli.addr, cli.timeout).await?;
     let mut printer = Printer { json: cli.json };
-    match cli.command {
+    match command {
+        Command::Bench(_) => unreachable!("handled above"),
         Command::Place(args) => place(&mut api, &mut printer, args).await,
         Command::Get(args) => get(&mut api, &mut printer, args).await,
         Command::List(args) => list(&mut api, &mut printer, args).await,

@@ -64,7 +64,7 @@ fn non_empty_json(s: &str) -> Value {
 ///   "status": "ORDER_STATUS_COMPLETED", "failureReason": null, "version": 3,
 ///   "totalCents": 1250,
 ///   "items": [{"sku": "sku-1", "quantity": 2, "unitPriceCents": 625, "name": "Widget"}],
-///   "transactionId": "tx-…", "idempotencyKey": null,
+///   "transactionId": "tx-…", "idempotencyKey": null, "stockReleasedAt": null,
 ///   "createdAt": "2026-11-26T23:40:00.512Z", "updatedAt": "2026-11-26T23:40:02.001Z",
 ///   "history": [{"version": 1, "status": "ORDER_STATUS_PENDING", "reason": null,
 ///                "at": "2026-11-26T23:40:00.512Z"}]
@@ -108,6 +108,7 @@ pub(crate) fn order_json(order: &pb::Order) -> Value {
         "items": items,
         "transactionId": order.transaction_id,
         "idempotencyKey": order.idempotency_key,
+        "stockReleasedAt": timestamp_json(order.stock_released_at.as_ref()),
         "createdAt": timestamp_json(order.created_at.as_ref()),
         "updatedAt": timestamp_json(order.updated_at.as_ref()),
         "history": history,
@@ -197,6 +198,9 @@ pub(crate) fn order_text(order: &pb::Order) -> String {
     }
     if let Some(key) = &order.idempotency_key {
         fields.push(("idempotency key", key.clone()));
+    }
+    if let Some(released) = &order.stock_released_at {
+        fields.push(("stock released", timestamp_text(Some(released))));
     }
     fields.push(("created", timestamp_text(order.created_at.as_ref())));
     fields.push(("updated", timestamp_text(order.updated_at.as_ref())));
@@ -383,6 +387,7 @@ mod tests {
             ],
             transaction_id: Some("tx-42".to_owned()),
             idempotency_key: Some("retry-1".to_owned()),
+            stock_released_at: None,
         }
     }
 
@@ -403,6 +408,7 @@ mod tests {
                 ],
                 "transactionId": "tx-42",
                 "idempotencyKey": "retry-1",
+                "stockReleasedAt": null,
                 "createdAt": "2026-11-26T23:40:00.512Z",
                 "updatedAt": "2026-11-26T23:40:02Z",
                 "history": [
@@ -435,6 +441,7 @@ mod tests {
                 "items": [],
                 "transactionId": null,
                 "idempotencyKey": null,
+                "stockReleasedAt": null,
                 "createdAt": null,
                 "updatedAt": null,
                 "history": [],
