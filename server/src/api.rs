@@ -20,11 +20,10 @@ use orderflow_proto::orderflow::v1::{
 };
 use sqlx::SqlitePool;
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{
     service::interceptor::InterceptedService,
-    transport::{Identity, Server, ServerTlsConfig},
+    transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -156,7 +155,12 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_optional_service(orders)
         .add_optional_service(dead_letters)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        // Without TCP_NODELAY each small watch update can sit behind the client's delayed ACK
+        // (~40 ms); tonic applies its own nodelay default only to listeners it binds itself.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled_owned(),
+        )
         .await
         .context("gRPC server failed")
 }

@@ -23,7 +23,7 @@ use crate::{
         topology::{Declare, QueueNames, Source},
     },
     config::{Config, DeclareTopology},
-    db,
+    db::{self, Database},
     fault::Faults,
     inbox::{DedupKey, Handler, Inbox},
     inventory::{self, catalog, handler::InventoryHandler},
@@ -44,7 +44,7 @@ pub struct App {
     config: Config,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
-    pools: BTreeMap<Service, Databases>,
+    pools: BTreeMap<Service, Database>,
     security: Security,
     catalog: Vec<catalog::Entry>,
     metrics: Metrics,
@@ -73,10 +73,9 @@ impl App {
                 Service::Inventory => inventory::migrations(),
                 Service::Payment => payment::migrations(),
             };
-            let main =
-                db::open(&path, config.db_sync, &[db::common_migrations(), migrator]).await?;
-            let relay = db::open_unsynced(&path).await?;
-            pools.insert(service, Databases { main, relay });
+            let database =
+                Database::open(&path, config.db_sync, &[db::common_migrations(), migrator]).await?;
+            pools.insert(service, database);
         }
         let security = security(&config)?;
         let listener = TcpListener::bind(config.grpc_addr)
@@ -135,10 +134,10 @@ impl App {
         let mut order_api = None;
         let mut dead_letter_api = None;
 
-        for (service, databases) in pools {
+        for (service, database) in pools {
             let wiring = Wiring::start(
                 service,
-                databases,
+                database,
                 &config,
                 &security,
                 &topology,
@@ -165,16 +164,16 @@ impl App {
                     }
                     stages.intake_tasks.spawn(
                         hub.clone()
-                            .follow(wiring.pool.clone(), stages.intake.clone()),
+                            .follow(wiring.database.pool().clone(), stages.intake.clone()),
                     );
                     let (placements, writer) = order::placement::writer(
-                        wiring.pool.clone(),
+                        wiring.database.clone(),
                         wiring.outbox.clone(),
                         hub.clone(),
                     );
                     stages.intake_tasks.spawn(writer.run(stages.intake.clone()));
                     order_api = Some(OrderApi::new(
-                        wiring.pool.clone(),
+                        wiring.database.pool().clone(),
                         placements,
                         hub,
                         stages.streams.clone(),
@@ -187,7 +186,7 @@ impl App {
                     dead_letter_api = Some(DeadLetterApi::new(queues, topology.clone()));
                 }
                 Service::Inventory => {
-                    let added = catalog::seed(&wiring.pool, &catalog)
+                    let added = catalog::seed(&wiring.database, &catalog)
                         .await
                         .context("seeding the catalog")?;
                     info!(skus = catalog.len(), added, "Catalog loaded.");
@@ -331,20 +330,13 @@ fn security(config: &Config) -> anyhow::Result<Security> {
     })
 }
 
-/// A service's database, and the unsynced connection its outbox relay deletes through.
-#[derive(Debug)]
-struct Databases {
-    main: SqlitePool,
-    relay: SqlitePool,
-}
-
 /// What one service needs to consume its queues: its connection, publisher, outbox and
 /// database. Starting it starts the connection supervisor and the outbox relay.
 struct Wiring {
     broker: Broker,
     publisher: Arc<Publisher>,
     outbox: Outbox,
-    pool: SqlitePool,
+    database: Database,
     service: Service,
     policy: RetryPolicy,
     prefetch: u16,
@@ -356,7 +348,7 @@ struct Wiring {
 impl Wiring {
     fn start(
         service: Service,
-        databases: Databases,
+        database: Database,
         config: &Config,
         security: &Security,
         topology: &Topology,
@@ -380,7 +372,7 @@ impl Wiring {
         let publisher = Arc::new(Publisher::new(broker.clone()));
         let outbox = Outbox::new(service);
         let relay = Relay::new(
-            databases.relay,
+            database.clone(),
             outbox.clone(),
             publisher.clone(),
             topology,
@@ -389,7 +381,7 @@ impl Wiring {
         stages
             .relay_tasks
             .spawn(relay.run(stages.relay_stop.clone()));
-        metrics.probe(outbox_backlog(service, databases.main.clone()));
+        metrics.probe(outbox_backlog(service, database.pool().clone()));
         metrics.probe(connected(service, broker.clone()));
         let faults = Faults::for_service(&config.faults, service);
         if !faults.is_empty() {
@@ -399,7 +391,7 @@ impl Wiring {
             broker,
             publisher,
             outbox,
-            pool: databases.main,
+            database,
             service,
             policy: config.retry_policy(),
             prefetch: config.prefetch,
@@ -416,7 +408,7 @@ impl Wiring {
         dedup_key: Option<DedupKey>,
     ) -> Consumer<Inbox<H>> {
         let mut inbox = Inbox::new(
-            self.pool.clone(),
+            self.database.clone(),
             self.outbox.clone(),
             queue.work.clone(),
             Arc::new(handler),

@@ -6,13 +6,13 @@
 
 use std::{future::Future, sync::Arc};
 
-use sqlx::{Acquire as _, SqliteConnection, SqlitePool};
+use sqlx::SqliteConnection;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
     bus::{Event, HandleError, Incoming, Processor, propagation},
-    db,
+    db::Database,
     fault::Faults,
     outbox::Outbox,
     time,
@@ -79,7 +79,7 @@ pub fn by_message_id(message: &Incoming) -> Option<String> {
 /// Processes one queue's batches with a [`Handler`], exactly once per message id.
 #[derive(Debug)]
 pub struct Inbox<H> {
-    pool: SqlitePool,
+    db: Database,
     outbox: Outbox,
     queue: String,
     handler: Arc<H>,
@@ -88,10 +88,10 @@ pub struct Inbox<H> {
 }
 
 impl<H: Handler> Inbox<H> {
-    /// An inbox for `queue`, recording in `pool` and staging events in `outbox`.
-    pub fn new(pool: SqlitePool, outbox: Outbox, queue: String, handler: Arc<H>) -> Self {
+    /// An inbox for `queue`, recording in `db` and staging events in `outbox`.
+    pub fn new(db: Database, outbox: Outbox, queue: String, handler: Arc<H>) -> Self {
         Inbox {
-            pool,
+            db,
             outbox,
             queue,
             handler,
@@ -116,7 +116,7 @@ impl<H: Handler> Inbox<H> {
         &self,
         batch: &[Incoming],
     ) -> Result<Vec<Result<(), HandleError>>, sqlx::Error> {
-        let mut tx = db::begin(&self.pool).await?;
+        let mut tx = self.db.begin().await?;
         let mut results = Vec::with_capacity(batch.len());
         let mut after_commit = Vec::new();
         let mut staged = 0;
@@ -128,7 +128,7 @@ impl<H: Handler> Inbox<H> {
                         "message has no message_id, so it cannot be processed exactly once"
                     )));
                 };
-                let mut savepoint = tx.begin().await.map_err(HandleError::transient)?;
+                let mut savepoint = tx.savepoint().await.map_err(HandleError::transient)?;
                 let first_time = sqlx::query(
                     "INSERT INTO inbox (queue, message_id, processed_at) VALUES (?, ?, ?)
                      ON CONFLICT DO NOTHING",

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use serde::Deserialize;
-use sqlx::SqlitePool;
 
 /// One catalog entry.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -89,8 +88,8 @@ pub fn valid_sku(sku: &str) -> bool {
 }
 
 /// Adds catalog entries that the stock table does not have yet; returns how many were added.
-pub async fn seed(pool: &SqlitePool, entries: &[Entry]) -> sqlx::Result<u64> {
-    let mut tx = crate::db::begin(pool).await?;
+pub async fn seed(db: &crate::db::Database, entries: &[Entry]) -> sqlx::Result<u64> {
+    let mut tx = db.begin().await?;
     let mut added = 0;
     for entry in entries {
         added += sqlx::query(

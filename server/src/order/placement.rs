@@ -4,7 +4,6 @@
 //! sync serves a whole batch; alone, an order is committed at once. Each caller gets its answer
 //! only after the commit, so "accepted" still means "durable".
 
-use sqlx::{Acquire as _, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -14,7 +13,7 @@ use super::{
     store::{self, PlaceError, Placed},
     watch::Hub,
 };
-use crate::{db, outbox::Outbox};
+use crate::{db::Database, outbox::Outbox};
 
 /// Most orders one transaction stores.
 const BATCH: usize = 256;
@@ -62,20 +61,20 @@ impl Placements {
 #[derive(Debug)]
 pub struct Writer {
     rx: mpsc::Receiver<Request>,
-    pool: SqlitePool,
+    db: Database,
     outbox: Outbox,
     hub: Hub,
 }
 
 /// A writer and the handle callers use. Requests queue up to `BATCH * 4`; beyond that callers
 /// wait, so a burst is absorbed without unbounded memory.
-pub fn writer(pool: SqlitePool, outbox: Outbox, hub: Hub) -> (Placements, Writer) {
+pub fn writer(db: Database, outbox: Outbox, hub: Hub) -> (Placements, Writer) {
     let (tx, rx) = mpsc::channel(BATCH * 4);
     (
         Placements { tx },
         Writer {
             rx,
-            pool,
+            db,
             outbox,
             hub,
         },
@@ -112,7 +111,7 @@ impl Writer {
 
     /// Stores one batch in one transaction and answers every caller.
     async fn commit(&self, batch: Vec<Request>) {
-        let mut tx = match db::begin(&self.pool).await {
+        let mut tx = match self.db.begin().await {
             Ok(tx) => tx,
             Err(error) => return fail_all(batch, &error),
         };
@@ -125,7 +124,7 @@ impl Writer {
         } in batch
         {
             // A savepoint per order: one failing (a reused key) must not undo the others.
-            let result = match tx.begin().await {
+            let result = match tx.savepoint().await {
                 Ok(mut savepoint) => {
                     match store::place(&mut savepoint, &self.outbox, &order, &trace).await {
                         Ok(placed) => savepoint

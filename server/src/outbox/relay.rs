@@ -5,7 +5,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use lapin::types::FieldTable;
-use sqlx::{FromRow, SqlitePool};
+use sqlx::FromRow;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -13,6 +13,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use super::Outbox;
 use crate::{
     bus::{Outgoing, Publisher, message, propagation, topology::Topology},
+    db::Database,
     metrics::Metrics,
 };
 
@@ -37,7 +38,7 @@ struct Row {
 /// Publishes one service's outbox.
 #[derive(Debug)]
 pub struct Relay {
-    pool: SqlitePool,
+    db: Database,
     outbox: Outbox,
     publisher: Arc<Publisher>,
     exchange: String,
@@ -45,16 +46,16 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// A relay from `pool`'s outbox table to the events exchange of `topology`.
+    /// A relay from `db`'s outbox table to the events exchange of `topology`.
     pub fn new(
-        pool: SqlitePool,
+        db: Database,
         outbox: Outbox,
         publisher: Arc<Publisher>,
         topology: &Topology,
         metrics: Metrics,
     ) -> Self {
         Relay {
-            pool,
+            db,
             outbox,
             publisher,
             exchange: topology.events_exchange(),
@@ -118,7 +119,7 @@ impl Relay {
              FROM outbox ORDER BY seq LIMIT ?",
         )
         .bind(BATCH)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?;
         if rows.is_empty() {
             return Ok(0);
@@ -170,7 +171,8 @@ impl Relay {
             for seq in &published {
                 query = query.bind(seq);
             }
-            query.execute(&self.pool).await?;
+            let (_turn, mut conn) = self.db.unsynced().await?;
+            query.execute(&mut *conn).await?;
         }
         match first_error {
             // Later rows of a failed batch are retried next round, in order.

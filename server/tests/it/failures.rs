@@ -617,12 +617,20 @@ async fn unroutable_events_wait_in_the_outbox_until_they_can_be_delivered() {
     let namespace = crate::helpers::unique_namespace();
     let conn = raw_connection().await;
     let channel = conn.create_channel().await.unwrap();
-    orderflow_server::bus::Topology::new(namespace.clone(), 4, 20).declare(&channel).await.unwrap();
+    orderflow_server::bus::Topology::new(namespace.clone(), 4, 20)
+        .declare(&channel)
+        .await
+        .unwrap();
     let queue = format!("{namespace}.inventory.order-created");
     let events = format!("{namespace}.events");
     // Nothing is bound for order.created: a mandatory publish comes back unroutable.
     channel
-        .queue_unbind(queue.as_str().into(), events.as_str().into(), "order.created".into(), FieldTable::default())
+        .queue_unbind(
+            queue.as_str().into(),
+            events.as_str().into(),
+            "order.created".into(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let app = spawn_app_with(|c| {
