@@ -214,6 +214,11 @@ impl App {
         }
 
         let (health, health_service) = tonic_health::server::health_reporter();
+        // tonic-health starts the server-wide status at SERVING; a probe answered before the
+        // first broker connection would be told a lie.
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         let serves_orders = order_api.is_some();
         stages.intake_tasks.spawn(report_health(
             health,

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::Context as _;
 use sqlx::{
-    Acquire as _, Sqlite, SqliteConnection, SqlitePool,
+    Sqlite, SqliteConnection, SqlitePool,
     migrate::Migrator,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
@@ -136,9 +136,9 @@ impl Tx {
         self.tx.commit().await
     }
 
-    /// A savepoint: work that can be rolled back (by dropping it) without the rest.
-    pub async fn savepoint(&mut self) -> sqlx::Result<sqlx::Transaction<'_, Sqlite>> {
-        self.tx.begin().await
+    /// Rolls back and gives up the write turn once SQLite's lock is released.
+    pub async fn rollback(self) -> sqlx::Result<()> {
+        self.tx.rollback().await
     }
 }
 

@@ -1,6 +1,7 @@
 //! Idempotent, transactional message handling: the bridge from `bus::Processor` to a service's
-//! [`Handler`]. A batch of deliveries shares one database transaction; each delivery runs in a
-//! savepoint so one failure does not undo the others. A delivery's id goes into the `inbox`
+//! [`Handler`]. A batch of deliveries shares one database transaction; a delivery that fails is
+//! taken out and the rest applied again, so one failure does not undo the others. A delivery's
+//! id goes into the `inbox`
 //! table in the same transaction as its effects, so a redelivery is recognised and acknowledged
 //! without applying anything twice; the outcome it published then is still in the outbox.
 
@@ -12,7 +13,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
     bus::{Event, HandleError, Incoming, Processor, propagation},
-    db::Database,
+    db::{Database, Tx},
     fault::Faults,
     outbox::Outbox,
     time,
@@ -112,83 +113,88 @@ impl<H: Handler> Inbox<H> {
         self
     }
 
+    /// Applies a batch in one transaction. A message whose handler fails may have written
+    /// part of its effects, so the transaction is rolled back and the batch applied again
+    /// without it: cheaper than a savepoint around every message, as failures are rare.
     async fn process_batch(
         &self,
         batch: &[Incoming],
     ) -> Result<Vec<Result<(), HandleError>>, sqlx::Error> {
-        let mut tx = self.db.begin().await?;
-        let mut results = Vec::with_capacity(batch.len());
-        let mut after_commit = Vec::new();
-        let mut staged = 0;
-        for message in batch {
-            let span = process_span(message, &self.queue, self.outbox.service().service_name());
-            let result = async {
-                let Some(key) = (self.dedup_key)(message) else {
-                    return Err(HandleError::permanent(anyhow::anyhow!(
-                        "message has no message_id, so it cannot be processed exactly once"
-                    )));
-                };
-                let mut savepoint = tx.savepoint().await.map_err(HandleError::transient)?;
-                let first_time = sqlx::query(
-                    "INSERT INTO inbox (queue, message_id, processed_at) VALUES (?, ?, ?)
-                     ON CONFLICT DO NOTHING",
-                )
-                .bind(&self.queue)
-                .bind(&key)
-                .bind(time::now_micros())
-                .execute(&mut *savepoint)
-                .await
-                .map_err(HandleError::transient)?
-                .rows_affected()
-                    == 1;
-                if !first_time {
-                    tracing::debug!(message.id = %key, "Duplicate delivery; effects already committed.");
-                    return Ok(None);
+        let mut failed: Vec<Option<HandleError>> = batch.iter().map(|_| None).collect();
+        'attempt: loop {
+            let mut tx = self.db.begin().await?;
+            let mut after_commit = Vec::new();
+            let mut staged = 0;
+            for (message, failure) in batch.iter().zip(failed.iter_mut()) {
+                if failure.is_some() {
+                    continue;
                 }
-                let mut cx =
-                    Context { conn: &mut savepoint, outbox: &self.outbox, staged: 0, after_commit: Vec::new() };
-                match self.handler.handle(&mut cx, message).await {
-                    Ok(()) => {
-                        let Context { staged, after_commit, .. } = cx;
-                        savepoint.commit().await.map_err(HandleError::transient)?;
-                        Ok(Some((staged, after_commit)))
+                let span = process_span(message, &self.queue, self.outbox.service().service_name());
+                match self.apply(&mut tx, message).instrument(span.clone()).await {
+                    Ok(Some((n, callbacks))) => {
+                        staged += n;
+                        after_commit.extend(callbacks);
                     }
+                    Ok(None) => {}
                     Err(error) => {
-                        // Dropping the savepoint rolls back this message's effects only.
-                        drop(savepoint);
-                        Err(error)
+                        crate::telemetry::record_error(&span, error.kind(), &error);
+                        *failure = Some(error);
+                        tx.rollback().await?;
+                        continue 'attempt;
                     }
                 }
             }
-            .instrument(span.clone())
-            .await;
-            results.push(match result {
-                Ok(Some((n, callbacks))) => {
-                    staged += n;
-                    after_commit.extend(callbacks);
-                    Ok(())
-                }
-                Ok(None) => Ok(()),
-                Err(error) => {
-                    crate::telemetry::record_error(&span, error.kind(), &error);
-                    Err(error)
-                }
-            });
+            tx.commit().await?;
+            if self.faults.crash_after_commit() {
+                tracing::error!("Injected fault: aborting after commit, before publishing.");
+                std::process::abort();
+            }
+            if staged > 0 {
+                self.outbox.wake();
+            }
+            for callback in after_commit {
+                callback();
+            }
+            return Ok(failed.into_iter().map(|f| f.map_or(Ok(()), Err)).collect());
         }
-        tx.commit().await?;
-        if self.faults.crash_after_commit() {
-            tracing::error!("Injected fault: aborting after commit, before publishing.");
-            std::process::abort();
+    }
+
+    /// One message's effects: its inbox record and whatever its handler does. `None` for a
+    /// duplicate (nothing to do); otherwise the events staged and the after-commit callbacks.
+    async fn apply(&self, tx: &mut Tx, message: &Incoming) -> Result<Option<Applied>, HandleError> {
+        let Some(key) = (self.dedup_key)(message) else {
+            return Err(HandleError::permanent(anyhow::anyhow!(
+                "message has no message_id, so it cannot be processed exactly once"
+            )));
+        };
+        let first_time = sqlx::query(
+            "INSERT INTO inbox (queue, message_id, processed_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.queue)
+        .bind(&key)
+        .bind(time::now_micros())
+        .execute(&mut **tx)
+        .await
+        .map_err(HandleError::transient)?
+        .rows_affected()
+            == 1;
+        if !first_time {
+            tracing::debug!(message.id = %key, "Duplicate delivery; effects already committed.");
+            return Ok(None);
         }
-        if staged > 0 {
-            self.outbox.wake();
-        }
-        for callback in after_commit {
-            callback();
-        }
-        Ok(results)
+        let mut cx = Context {
+            conn: tx,
+            outbox: &self.outbox,
+            staged: 0,
+            after_commit: Vec::new(),
+        };
+        self.handler.handle(&mut cx, message).await?;
+        Ok(Some((cx.staged, cx.after_commit)))
     }
 }
+
+/// What applying one message left to do after commit: events staged, callbacks to run.
+type Applied = (usize, Vec<Box<dyn FnOnce() + Send>>);
 
 impl<H: Handler> Processor for Inbox<H> {
     async fn process(&self, batch: &[Incoming]) -> Vec<Result<(), HandleError>> {

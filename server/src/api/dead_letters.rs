@@ -238,8 +238,10 @@ impl DeadLetterApi {
             0 => DEFAULT_LIMIT,
             n => n.min(MAX_LIMIT),
         };
-        let stored = self.queues.peek(&names.dlq, u64::from(limit)).await?;
+        // Counted before peeking: messages the peek holds (until its channel closes and they
+        // return) are not counted as ready.
         let depth = self.queues.depth(&names.dlq).await?;
+        let stored = self.queues.peek(&names.dlq, u64::from(limit)).await?;
         let dead_letters = stored.into_iter().map(|s| self.view(&names, s)).collect();
         Ok(pb::ListDeadLettersResponse {
             dead_letters,

@@ -26,6 +26,15 @@ use super::{
 };
 use crate::{metrics::Metrics, service::Service, time::rfc3339};
 
+/// What [`Consumer::settle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Succeeded; to be acknowledged with the rest of its batch.
+    AckLater,
+    /// Already acknowledged or given back to the queue.
+    Done,
+}
+
 /// Turns a batch of deliveries into effects. One result per delivery, in order.
 pub trait Processor: Send + Sync + 'static {
     /// Handles `batch`; deliveries are independent, one failing must not fail the others.
@@ -164,8 +173,18 @@ impl<P: Processor> Consumer<P> {
                 continue;
             }
             let results = self.process(&batch).await;
+            let mut ack_up_to = None;
             for (incoming, result) in batch.iter().zip(results) {
-                self.settle(incoming, result).await?;
+                if self.settle(incoming, result).await? == Settled::AckLater {
+                    ack_up_to = Some(incoming.delivery.delivery_tag);
+                }
+            }
+            // One frame for the batch: every delivery up to this tag is settled by now (the
+            // others individually), and later deliveries have higher tags.
+            if let Some(tag) = ack_up_to {
+                channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await?;
             }
         }
 
@@ -218,11 +237,13 @@ impl<P: Processor> Consumer<P> {
     }
 
     /// Carries out the settlement of one delivery. Errors only when the channel is unusable.
+    /// Returns [`Settled::AckLater`] for a plain success: the caller acknowledges a whole batch
+    /// of those with one `multiple` ack.
     async fn settle(
         &self,
         incoming: &Incoming,
         result: Result<(), HandleError>,
-    ) -> lapin::Result<()> {
+    ) -> lapin::Result<Settled> {
         let attempt = incoming.attempt();
         let order_id = incoming.correlation_id().unwrap_or_default();
         let message_id = incoming.message_id().unwrap_or_default();
@@ -247,7 +268,7 @@ impl<P: Processor> Consumer<P> {
                     &self.queue.work,
                     incoming.age(),
                 );
-                None
+                return Ok(Settled::AckLater);
             }
             (
                 Settlement::Retry {
@@ -330,7 +351,7 @@ impl<P: Processor> Consumer<P> {
                         ..Default::default()
                     })
                     .await?;
-                return Ok(());
+                return Ok(Settled::Done);
             }
         }
         incoming
@@ -338,7 +359,7 @@ impl<P: Processor> Consumer<P> {
             .acker
             .ack(BasicAckOptions::default())
             .await?;
-        Ok(())
+        Ok(Settled::Done)
     }
 
     /// A copy of `incoming` (body untouched) carrying the failure's context in its headers.

@@ -229,9 +229,14 @@ async fn apply(
             "unknown order `{order_id}`"
         )));
     };
-    let reserved = store::has_reached(cx.conn(), order_id, Status::InventoryReserved)
-        .await
-        .map_err(HandleError::transient)?;
+    let reserved = match order.status {
+        Status::InventoryReserved | Status::Completed | Status::PaymentFailed => true,
+        Status::Pending | Status::Rejected => false,
+        // Only a FAILED order's status does not say whether it got that far.
+        Status::Failed => store::has_reached(cx.conn(), order_id, Status::InventoryReserved)
+            .await
+            .map_err(HandleError::transient)?,
+    };
     let statuses = transitions(order.status, reserved, fact);
     let before = order.clone();
     update(&mut order);

@@ -116,46 +116,32 @@ impl Writer {
             Err(error) => return fail_all(batch, &error),
         };
         let mut results = Vec::with_capacity(batch.len());
-        let mut replies = Vec::with_capacity(batch.len());
-        for Request {
-            order,
-            trace,
-            reply,
-        } in batch
-        {
-            // A savepoint per order: one failing (a reused key) must not undo the others.
-            let result = match tx.savepoint().await {
-                Ok(mut savepoint) => {
-                    match store::place(&mut savepoint, &self.outbox, &order, &trace).await {
-                        Ok(placed) => savepoint
-                            .commit()
-                            .await
-                            .map(|()| placed)
-                            .map_err(PlaceError::from),
-                        Err(error) => Err(error),
-                    }
+        for request in &batch {
+            // A reused key is found by a read before anything is written, so a refused order
+            // leaves nothing behind and needs no savepoint.
+            match store::place(&mut tx, &self.outbox, &request.order, &request.trace).await {
+                Err(PlaceError::Database(error)) => {
+                    // What this order half-wrote cannot be told apart from the rest: the whole
+                    // batch fails, and callers retry with their idempotency keys.
+                    let _ = tx.rollback().await;
+                    return fail_all(batch, &error);
                 }
-                Err(error) => Err(error.into()),
-            };
-            results.push(result);
-            replies.push(reply);
+                result => results.push(result),
+            }
         }
         if let Err(error) = tx.commit().await {
-            for reply in replies {
-                let _ = reply.send(Err(PlaceError::Database(clone_error(&error))));
-            }
-            return;
+            return fail_all(batch, &error);
         }
         if results.iter().any(|r| matches!(r, Ok(Placed::Created(_)))) {
             self.outbox.wake();
         }
-        for (result, reply) in results.into_iter().zip(replies) {
+        for (result, request) in results.into_iter().zip(batch) {
             if let Ok(Placed::Created(order)) = &result {
                 self.hub.notify(&order.order_id, order.version);
             }
             // A caller that went away (deadline, disconnect) still has its order stored; a
             // retry with the same idempotency key finds it.
-            let _ = reply.send(result);
+            let _ = request.reply.send(result);
         }
     }
 }
