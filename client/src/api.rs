@@ -6,11 +6,14 @@
 use std::{error::Error as StdError, fmt, future::Future, io, time::Duration};
 
 use orderflow_proto::orderflow::v1 as pb;
-use pb::order_service_client::OrderServiceClient;
+use pb::{dead_letters_client::DeadLettersClient, order_service_client::OrderServiceClient};
 use tonic::{
     Response, Status, Streaming,
-    transport::{Channel, Endpoint},
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
+use tonic_health::pb::health_client::HealthClient;
 
 /// How often an idle HTTP/2 connection is pinged, so a long watch notices a vanished server
 /// instead of waiting forever on a dead socket.
@@ -61,22 +64,73 @@ impl ConnectError {
     }
 }
 
-/// An OrderService client bound to one server and one deadline.
+/// How to reach a secured server: a bearer token and a CA to trust for `https://`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Access {
+    /// Sent as `authorization: Bearer <token>` with every call.
+    pub(crate) token: Option<String>,
+    /// PEM of a CA to trust besides the system's.
+    pub(crate) tls_ca: Option<String>,
+}
+
+/// Adds the bearer token to every call.
+#[derive(Debug, Clone)]
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authorized = InterceptedService<Channel, Bearer>;
+
+/// The server's clients, bound to one connection and one deadline.
 #[derive(Debug)]
 pub(crate) struct Api {
-    client: OrderServiceClient<Channel>,
+    client: OrderServiceClient<Authorized>,
+    dead_letters: DeadLettersClient<Authorized>,
+    health: HealthClient<Channel>,
     addr: String,
     timeout: Duration,
 }
 
 impl Api {
-    /// Connects to `addr` (already normalised to `http://…`), giving up after `timeout`.
-    pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Self, ConnectError> {
-        let endpoint = Endpoint::from_shared(addr.to_owned())
+    /// Connects to `addr` (already normalised to `http://…` or `https://…`), giving up after
+    /// `timeout`.
+    pub(crate) async fn connect(
+        addr: &str,
+        timeout: Duration,
+        access: &Access,
+    ) -> Result<Self, ConnectError> {
+        let mut endpoint = Endpoint::from_shared(addr.to_owned())
             .map_err(|e| ConnectError::new(addr, e.to_string()))?
             .connect_timeout(timeout)
             .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(timeout);
+        if addr
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+        {
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(ca) = &access.tls_ca {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| ConnectError::new(addr, e.to_string()))?;
+        }
+        let bearer = match &access.token {
+            Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
+                ConnectError::new(addr, "the token has characters a header cannot carry")
+            })?),
+            None => None,
+        };
         // connect_timeout bounds each TCP attempt but not the DNS lookup before it, so the
         // whole setup gets the deadline too.
         let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
@@ -91,11 +145,81 @@ impl Api {
                 ));
             }
         };
+        let bearer = Bearer(bearer);
         Ok(Self {
-            client: OrderServiceClient::new(channel),
+            client: OrderServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            dead_letters: DeadLettersClient::with_interceptor(channel.clone(), bearer),
+            health: HealthClient::new(channel),
             addr: addr.to_owned(),
             timeout,
         })
+    }
+
+    /// grpc.health.v1 Check for `service` ("" for the whole server).
+    pub(crate) async fn health(&mut self, service: String) -> Result<i32, Status> {
+        let request = tonic_health::pb::HealthCheckRequest { service };
+        within(self.timeout, &self.addr, self.health.check(request))
+            .await
+            .map(|r| r.status)
+    }
+
+    /// Every dead-letter queue with its depth.
+    pub(crate) async fn dead_letter_queues(
+        &mut self,
+    ) -> Result<pb::ListDeadLetterQueuesResponse, Status> {
+        within(
+            self.timeout,
+            &self.addr,
+            self.dead_letters
+                .list_queues(pb::ListDeadLetterQueuesRequest {}),
+        )
+        .await
+    }
+
+    /// Up to `limit` dead letters of `queue`.
+    pub(crate) async fn dead_letters(
+        &mut self,
+        queue: String,
+        limit: u32,
+    ) -> Result<pb::ListDeadLettersResponse, Status> {
+        let request = pb::ListDeadLettersRequest { queue, limit };
+        within(
+            self.timeout,
+            &self.addr,
+            self.dead_letters.list_dead_letters(request),
+        )
+        .await
+    }
+
+    /// One dead letter.
+    pub(crate) async fn dead_letter(
+        &mut self,
+        queue: String,
+        message_id: String,
+    ) -> Result<pb::DeadLetter, Status> {
+        let request = pb::GetDeadLetterRequest { queue, message_id };
+        within(
+            self.timeout,
+            &self.addr,
+            self.dead_letters.get_dead_letter(request),
+        )
+        .await
+    }
+
+    /// Replays the selected dead letters.
+    pub(crate) async fn replay(
+        &mut self,
+        request: pb::ReplayRequest,
+    ) -> Result<pb::ReplayResponse, Status> {
+        within(self.timeout, &self.addr, self.dead_letters.replay(request)).await
+    }
+
+    /// Purges the selected dead letters.
+    pub(crate) async fn purge(
+        &mut self,
+        request: pb::PurgeRequest,
+    ) -> Result<pb::PurgeResponse, Status> {
+        within(self.timeout, &self.addr, self.dead_letters.purge(request)).await
     }
 
     pub(crate) async fn place_order(

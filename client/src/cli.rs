@@ -54,6 +54,14 @@ pub(crate) struct Cli {
     )]
     pub(crate) timeout: Duration,
 
+    /// Bearer token sent with every call (when the server has ORDERFLOW_AUTH_TOKENS).
+    #[arg(long, global = true, env = "ORDERFLOW_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+
+    /// CA certificate (PEM) to trust for `https://` addresses, besides the system's.
+    #[arg(long, global = true, env = "ORDERFLOW_TLS_CA")]
+    pub(crate) tls_ca: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -68,8 +76,61 @@ pub(crate) enum Command {
     List(ListArgs),
     /// Follow an order's status changes until it reaches a terminal status.
     Watch(WatchArgs),
+    /// Inspect, replay and purge dead letters (needs an admin token when auth is on).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Check the server's health: exit 0 only while it reports SERVING.
+    Health(HealthArgs),
     /// Measure orders/s and latency of a fresh orderflow next to a raw RabbitMQ baseline.
     Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DlqCommand {
+    /// Every dead-letter queue and its depth; with a queue, the dead letters in it.
+    List(DlqListArgs),
+    /// One dead letter in full (decoded payload, headers), or the first few of a queue.
+    Show(DlqShowArgs),
+    /// Send dead letters back to the work queue they failed on, attempt count reset.
+    Replay(DlqSelectArgs),
+    /// Delete dead letters.
+    Purge(DlqSelectArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DlqListArgs {
+    /// A queue: `payment.inventory-reserved`, its work queue or its DLQ name.
+    pub(crate) queue: Option<String>,
+    /// Most dead letters to list.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DlqShowArgs {
+    /// The queue.
+    pub(crate) queue: String,
+    /// The dead letter's message id; without it, the first ones of the queue.
+    pub(crate) message_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["message_ids", "all"])))]
+pub(crate) struct DlqSelectArgs {
+    /// The queue.
+    pub(crate) queue: String,
+    /// Message ids to act on.
+    pub(crate) message_ids: Vec<String>,
+    /// Act on every dead letter of the queue.
+    #[arg(long)]
+    pub(crate) all: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct HealthArgs {
+    /// Service to check; empty for the whole server.
+    #[arg(long, default_value = "")]
+    pub(crate) service: String,
 }
 
 #[derive(Debug, Args)]
@@ -158,10 +219,10 @@ fn parse_addr(raw: &str) -> Result<String, String> {
     }
     let addr = match raw.split_once("://") {
         None => format!("http://{raw}"),
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") => raw.to_owned(),
-        // This build has no TLS, so failing here beats a confusing error at connect time.
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
-            return Err("https is not supported by this client; use http://host:port".to_owned());
+        Some((scheme, _))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            raw.to_owned()
         }
         Some((scheme, _)) => {
             return Err(format!(
@@ -306,6 +367,7 @@ mod tests {
         assert_eq!(ok("HTTP://host:1"), "HTTP://host:1");
         assert_eq!(ok("http://host:1/"), "http://host:1/");
         assert_eq!(ok("host"), "http://host");
+        assert_eq!(ok("https://host:443"), "https://host:443");
     }
 
     #[test]
@@ -313,7 +375,6 @@ mod tests {
         let err = |raw: &str| parse_addr(raw).unwrap_err();
         assert!(err("").contains("empty"), "{}", err(""));
         assert!(err("   ").contains("empty"));
-        assert!(err("https://host:443").contains("https is not supported"));
         assert!(err("ftp://host:21").contains(r#"unsupported scheme "ftp""#));
         assert!(err("host:port").contains("invalid port"));
         assert!(err("host:99999").contains("invalid port"));

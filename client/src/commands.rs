@@ -10,8 +10,9 @@ use orderflow_proto::orderflow::v1 as pb;
 use serde_json::Value;
 
 use crate::{
-    api::Api,
+    api::{Access, Api},
     cli::{Cli, Command, GetArgs, ListArgs, PlaceArgs},
+    dlq::{self, Print},
     output,
 };
 
@@ -22,7 +23,17 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => return crate::bench::run(args, cli.json, cli.timeout).await,
         command => command,
     };
-    let mut api = Api::connect(&cli.addr, cli.timeout).await?;
+    let tls_ca = match &cli.tls_ca {
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let access = Access {
+        token: cli.token.clone(),
+        tls_ca,
+    };
+    let mut api = Api::connect(&cli.addr, cli.timeout, &access).await?;
     let mut printer = Printer { json: cli.json };
     match command {
         Command::Bench(_) => unreachable!("handled above"),
@@ -32,6 +43,8 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         Command::Watch(args) => {
             watch(&mut api, &mut printer, args.order_id, args.resume_after).await
         }
+        Command::Dlq(command) => dlq::run(&mut api, &mut printer, command).await,
+        Command::Health(args) => dlq::health(&mut api, &mut printer, args.service).await,
     }
 }
 
@@ -41,8 +54,7 @@ struct Printer {
     json: bool,
 }
 
-impl Printer {
-    /// Prints one result; only the rendering for the chosen format is built.
+impl Print for Printer {
     fn print(&mut self, json: impl FnOnce() -> Value, text: impl FnOnce() -> String) -> Result<()> {
         let line = if self.json {
             json().to_string()
@@ -51,7 +63,9 @@ impl Printer {
         };
         self.line(&line)
     }
+}
 
+impl Printer {
     fn line(&mut self, line: &str) -> Result<()> {
         let mut stdout = io::stdout().lock();
         writeln!(stdout, "{line}")

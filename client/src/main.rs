@@ -7,6 +7,7 @@ mod api;
 mod bench;
 mod cli;
 mod commands;
+mod dlq;
 mod exit;
 mod output;
 mod time;

@@ -39,11 +39,11 @@ fn status_json(status: i32) -> Value {
     }
 }
 
-fn timestamp_json(ts: Option<&prost_types::Timestamp>) -> Value {
+pub(crate) fn timestamp_json(ts: Option<&prost_types::Timestamp>) -> Value {
     ts.and_then(rfc3339).map_or(Value::Null, Value::from)
 }
 
-fn timestamp_text(ts: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn timestamp_text(ts: Option<&prost_types::Timestamp>) -> String {
     ts.and_then(rfc3339).unwrap_or_else(|| "-".to_owned())
 }
 
