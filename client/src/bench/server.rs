@@ -245,7 +245,7 @@ fn spawn(spec: &Spec, name: &str, services: &str) -> Result<Process> {
         // The URL carries the password, so it goes through the environment, not argv.
         .env("AMQP_URL", &spec.amqp_url)
         // Per-message INFO lines would cost the server more than some of the work measured.
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,lapin=off")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
