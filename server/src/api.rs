@@ -18,7 +18,7 @@ use opentelemetry::global;
 use orderflow_proto::orderflow::v1::{
     dead_letters_server::DeadLettersServer, order_service_server::OrderServiceServer,
 };
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{
@@ -43,7 +43,7 @@ pub const DEFAULT_MAX_WATCHES: usize = 10_000;
 /// State behind `OrderService`. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct OrderApi {
-    pool: SqlitePool,
+    pool: AnyPool,
     placements: Placements,
     hub: Hub,
     streams: TaskTracker,
@@ -57,7 +57,7 @@ impl OrderApi {
     /// The API over the order database `pool`. Watch streams run on `streams` and end at
     /// `shutdown`.
     pub fn new(
-        pool: SqlitePool,
+        pool: AnyPool,
         placements: Placements,
         hub: Hub,
         streams: TaskTracker,

@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -23,10 +23,10 @@ use crate::{
         topology::{Declare, QueueNames, Source},
     },
     config::{Config, DeclareTopology},
-    db::{self, Database},
+    db::{self, Database, Location},
     fault::Faults,
     inbox::{DedupKey, Handler, Inbox},
-    inventory::{self, catalog, handler::InventoryHandler},
+    inventory::{catalog, handler::InventoryHandler},
     metrics::{self, Metrics},
     order::{
         self,
@@ -34,7 +34,7 @@ use crate::{
         watch::Hub,
     },
     outbox::{Outbox, relay::Relay},
-    payment::{self, handler::PaymentHandler, provider::Provider},
+    payment::{handler::PaymentHandler, provider::Provider},
     service::Service,
 };
 
@@ -67,15 +67,17 @@ impl App {
         };
         let mut pools = BTreeMap::new();
         for service in services {
-            let path = config.data_dir.join(format!("{}.db", service.as_str()));
-            let migrator = match service {
-                Service::Order => order::migrations(),
-                Service::Inventory => inventory::migrations(),
-                Service::Payment => payment::migrations(),
+            let location = match &config.database_url {
+                Some(url) => Location::Postgres {
+                    url: url.expose(),
+                    schema: db::schema_name(&config.namespace, service),
+                },
+                None => Location::File(&config.data_dir),
             };
-            let database =
-                Database::open(&path, config.db_sync, &[db::common_migrations(), migrator]).await?;
-            pools.insert(service, database);
+            pools.insert(
+                service,
+                Database::open(&location, config.db_sync, service).await?,
+            );
         }
         let security = security(&config)?;
         let listener = TcpListener::bind(config.grpc_addr)
@@ -164,7 +166,7 @@ impl App {
                     }
                     stages.intake_tasks.spawn(
                         hub.clone()
-                            .follow(wiring.database.pool().clone(), stages.intake.clone()),
+                            .follow(wiring.database.clone(), stages.intake.clone()),
                     );
                     let (placements, writer) = order::placement::writer(
                         wiring.database.clone(),
@@ -440,7 +442,7 @@ impl Wiring {
 }
 
 /// Outbox rows not yet published, read at scrape time.
-fn outbox_backlog(service: Service, pool: SqlitePool) -> metrics::Probe {
+fn outbox_backlog(service: Service, pool: AnyPool) -> metrics::Probe {
     Box::new(move || {
         let pool = pool.clone();
         Box::pin(async move {

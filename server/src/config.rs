@@ -31,7 +31,9 @@ pub struct Config {
     )]
     pub services: Vec<Service>,
 
-    /// RabbitMQ URL. The password is never logged.
+    /// RabbitMQ URL, or several separated by commas (the nodes of a cluster: a service
+    /// connects to the first that answers and fails over to the others). The password is
+    /// never logged.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -50,6 +52,12 @@ pub struct Config {
     /// `OrderService` and `DeadLetters` where the order service runs.
     #[arg(long, env = "ORDERFLOW_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+
+    /// PostgreSQL for the services' state instead of SQLite files, e.g.
+    /// `postgres://orderflow@db/orderflow`: each service gets its own schema
+    /// (`<namespace>_<service>`), and several instances of a service can share it.
+    #[arg(long, env = "ORDERFLOW_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<DatabaseUrl>,
 
     /// Directory of the services' SQLite databases (`order.db`, `inventory.db`, `payment.db`).
     #[arg(long, env = "ORDERFLOW_DATA_DIR", default_value = "./data")]
@@ -198,9 +206,19 @@ pub struct AmqpUrl {
 }
 
 impl AmqpUrl {
-    /// The full URL, password included, for connecting only.
+    /// The URL, password included, for connecting only: for a list, the whole list.
     pub fn expose(&self) -> &str {
         self.secret.expose_secret()
+    }
+
+    /// Each node of a comma-separated list (a cluster), in order; one for a single URL.
+    pub fn nodes(&self) -> Vec<AmqpUrl> {
+        self.expose()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| u.parse().unwrap_or_else(|never| match never {}))
+            .collect()
     }
 
     /// The URL with its password replaced by `***`, safe to log.
@@ -210,19 +228,34 @@ impl AmqpUrl {
 }
 
 impl FromStr for AmqpUrl {
-    type Err = String;
+    type Err = std::convert::Infallible;
 
     /// Never fails: a malformed URL is reported by [`Config::validate`], redacted. (clap would
     /// echo a refused value verbatim, password included.)
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         // lapin's parser is the one that will connect, so it decides what is valid. Its error
         // text never contains the input, so it cannot leak the password.
-        let problem = lapin::uri::AMQPUri::from_str(s).err().map(|e| {
-            format!("malformed AMQP URL ({e}); expected amqp://user:password@host:port/vhost")
-        });
+        let nodes: Vec<&str> = s.split(',').map(str::trim).collect();
+        let problem = if nodes.iter().any(|n| n.is_empty()) {
+            Some(
+                "empty entry in the list; expected amqp://user:password@host:port/vhost[,amqp://…]"
+                    .to_owned(),
+            )
+        } else {
+            nodes.iter().enumerate().find_map(|(i, node)| {
+                lapin::uri::AMQPUri::from_str(node).err().map(|e| {
+                    let which = if nodes.len() > 1 { format!(" (node {})", i + 1) } else { String::new() };
+                    format!("malformed AMQP URL{which} ({e}); expected amqp://user:password@host:port/vhost")
+                })
+            })
+        };
         Ok(AmqpUrl {
             secret: SecretString::from(s.to_owned()),
-            redacted: redact(s),
+            redacted: nodes
+                .iter()
+                .map(|n| redact(n))
+                .collect::<Vec<_>>()
+                .join(","),
             problem,
         })
     }
@@ -235,6 +268,44 @@ impl fmt::Debug for AmqpUrl {
 }
 
 impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+/// A database URL whose password stays out of `Debug` and `Display`.
+#[derive(Clone)]
+pub struct DatabaseUrl {
+    secret: SecretString,
+    redacted: String,
+}
+
+impl DatabaseUrl {
+    /// The full URL, for connecting only.
+    pub fn expose(&self) -> &str {
+        self.secret.expose_secret()
+    }
+}
+
+impl FromStr for DatabaseUrl {
+    type Err = String;
+
+    /// Checked by [`Config::validate`] (clap would echo a refused value verbatim).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(DatabaseUrl {
+            secret: SecretString::from(s.to_owned()),
+            redacted: redact(s),
+        })
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted)
     }
@@ -259,6 +330,14 @@ impl Config {
     /// Checks what clap's types cannot express. Returns every problem, not just the first.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
+        if let Some(url) = &self.database_url
+            && !(url.expose().starts_with("postgres://")
+                || url.expose().starts_with("postgresql://"))
+        {
+            problems.push(format!(
+                "--database-url {url}: expected postgres://user@host/database"
+            ));
+        }
         if let Some(problem) = &self.amqp_url.problem {
             problems.push(format!("--amqp-url {}: {problem}", self.amqp_url.redacted));
         }
@@ -381,6 +460,33 @@ mod tests {
         let url: AmqpUrl = "amqp://svc:hunter2@localhost:5672/%2f".parse().unwrap();
         assert!(!format!("{url:?} {url}").contains("hunter2"));
         assert_eq!(url.expose(), "amqp://svc:hunter2@localhost:5672/%2f");
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_node_urls() {
+        let url: AmqpUrl = "amqp://svc:pw@h1:5672/%2f, amqp://svc:pw@h2:5673/%2f"
+            .parse()
+            .unwrap();
+        let nodes: Vec<_> = url.nodes().iter().map(|n| n.expose().to_owned()).collect();
+        assert_eq!(
+            nodes,
+            ["amqp://svc:pw@h1:5672/%2f", "amqp://svc:pw@h2:5673/%2f"]
+        );
+        assert_eq!(
+            url.redacted(),
+            "amqp://svc:***@h1:5672/%2f,amqp://svc:***@h2:5673/%2f"
+        );
+        assert!(url.problem.is_none());
+        let bad: AmqpUrl = "amqp://svc:pw@h1:5672/%2f,amqp://svc:pw@h2:x/%2f"
+            .parse()
+            .unwrap();
+        assert!(
+            bad.problem.as_deref().unwrap().contains("node 2"),
+            "{:?}",
+            bad.problem
+        );
+        let empty: AmqpUrl = "amqp://svc:pw@h1:5672/%2f,".parse().unwrap();
+        assert!(empty.problem.is_some());
     }
 
     #[test]

@@ -1,133 +1,297 @@
-//! A service's embedded SQLite database: one file per service in the data directory, WAL mode
-//! so readers never block the writer, and the service's migrations applied on start.
+//! A service's database: an embedded SQLite file by default (one per service in the data
+//! directory), or a schema of its own in PostgreSQL (`ORDERFLOW_DATABASE_URL`) when several
+//! instances of a service share their state. Migrations run on start for either. The stores
+//! speak SQL both accept (numbered `$n` parameters, `ON CONFLICT`, `RETURNING`), through sqlx's
+//! `Any` driver; the few differences are methods here.
 //!
 //! SQLite has one writer at a time. Left to itself, a second writer polls the lock with
 //! growing sleeps (up to 100 ms each), which under load turns into second-long stalls. So every
-//! writer of this process first takes [`Database`]'s async lock and waits its turn in order;
-//! SQLite's own busy timeout only arbitrates between processes sharing a file.
+//! writer of a process first takes [`Database`]'s async lock and waits its turn in order;
+//! SQLite's own busy timeout only arbitrates between processes sharing a file. PostgreSQL needs
+//! no such lock: writers run concurrently and row locks order what must be ordered.
 
 use std::{
     ops::{Deref, DerefMut},
     path::Path,
     str::FromStr as _,
     sync::Arc,
-    time::Duration,
 };
 
 use anyhow::Context as _;
 use sqlx::{
-    Sqlite, SqliteConnection, SqlitePool,
+    Any, AnyConnection, AnyPool, Executor as _,
+    any::{AnyConnectOptions, AnyPoolOptions},
     migrate::Migrator,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use crate::config::DbSync;
+use crate::{config::DbSync, service::Service};
 
-/// Tables every service has: the outbox and the inbox.
-pub fn common_migrations() -> Migrator {
-    shared(sqlx::migrate!("./migrations/common"))
+/// Key of the PostgreSQL advisory lock taken while creating a schema.
+const SCHEMA_LOCK: i64 = 0x6f72_6465_7266_6c6f; // "orderflo"
+
+/// Which engine a database runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An embedded SQLite file.
+    Sqlite,
+    /// A schema in a PostgreSQL database.
+    Postgres,
 }
 
-/// Lets `migrator` share its database with other migrators: each ignores the versions it does
-/// not know (the common set and a service's set use disjoint version ranges).
-pub fn shared(mut migrator: Migrator) -> Migrator {
-    migrator.set_ignore_missing(true);
-    migrator
+/// Where a service keeps its state.
+#[derive(Debug, Clone)]
+pub enum Location<'a> {
+    /// `<data dir>/<service>.db`.
+    File(&'a Path),
+    /// A PostgreSQL database, in schema `schema`.
+    Postgres {
+        /// `postgres://…`.
+        url: &'a str,
+        /// One schema per service (and namespace), created if missing.
+        schema: String,
+    },
 }
 
 /// One service's database.
 #[derive(Debug, Clone)]
 pub struct Database {
-    pool: SqlitePool,
-    unsynced: SqlitePool,
-    writer: Arc<Mutex<()>>,
+    backend: Backend,
+    pool: AnyPool,
+    /// SQLite: a connection whose commits do not wait for the disk (see [`Database::unsynced`]).
+    unsynced: Option<AnyPool>,
+    /// SQLite: the writers' turn.
+    writer: Option<Arc<Mutex<()>>>,
+}
+
+/// The schema versions of `service` on `backend`: the common outbox and inbox, then its own.
+/// Each migrator ignores the other's versions (disjoint ranges), so both share one table.
+fn migrators(service: Service, backend: Backend) -> [Migrator; 2] {
+    let shared = |mut migrator: Migrator| {
+        migrator.set_ignore_missing(true);
+        migrator
+    };
+    match backend {
+        Backend::Sqlite => [
+            shared(sqlx::migrate!("./migrations/sqlite/common")),
+            shared(match service {
+                Service::Order => sqlx::migrate!("./migrations/sqlite/order"),
+                Service::Inventory => sqlx::migrate!("./migrations/sqlite/inventory"),
+                Service::Payment => sqlx::migrate!("./migrations/sqlite/payment"),
+            }),
+        ],
+        Backend::Postgres => [
+            shared(sqlx::migrate!("./migrations/postgres/common")),
+            shared(match service {
+                Service::Order => sqlx::migrate!("./migrations/postgres/order"),
+                Service::Inventory => sqlx::migrate!("./migrations/postgres/inventory"),
+                Service::Payment => sqlx::migrate!("./migrations/postgres/payment"),
+            }),
+        ],
+    }
 }
 
 impl Database {
-    /// Opens (creating if missing) the database at `path` and runs `migrators` in order. Each
-    /// migrator ignores the others' migrations, so a service's schema is the common one plus its
-    /// own.
+    /// Opens (creating if missing) `service`'s database at `location` and migrates it.
     pub async fn open(
-        path: &Path,
+        location: &Location<'_>,
         sync: DbSync,
-        migrators: &[Migrator],
+        service: Service,
     ) -> anyhow::Result<Database> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        sqlx::any::install_default_drivers();
+        let database = match location {
+            Location::File(data_dir) => Self::open_sqlite(data_dir, sync, service).await?,
+            Location::Postgres { url, schema } => Self::open_postgres(url, schema).await?,
+        };
+        for migrator in migrators(service, database.backend) {
+            migrator
+                .run(&database.pool)
+                .await
+                .with_context(|| format!("migrating the {service} database"))?;
         }
-        let options = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match sync {
-                DbSync::Full => SqliteSynchronous::Full,
-                DbSync::Normal => SqliteSynchronous::Normal,
-            })
-            .foreign_keys(true)
-            // Other processes (a second instance, a restarted one) may hold the write lock.
-            .busy_timeout(Duration::from_secs(10));
-        // Writers take turns anyway; more connections let reads (watch streams, GetOrder)
-        // proceed while a writer works.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options.clone())
+        Ok(database)
+    }
+
+    async fn open_sqlite(
+        data_dir: &Path,
+        sync: DbSync,
+        service: Service,
+    ) -> anyhow::Result<Database> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let dir = data_dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", data_dir.display()))?;
+        let path = dir.join(format!("{}.db", service.as_str()));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let options = AnyConnectOptions::from_str(&url)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let synchronous = match sync {
+            DbSync::Full => "FULL",
+            DbSync::Normal => "NORMAL",
+        };
+        let pool = sqlite_pool(options.clone(), 8, synchronous)
             .await
             .with_context(|| format!("opening {}", path.display()))?;
-        for migrator in migrators {
-            migrator
-                .run(&pool)
-                .await
-                .with_context(|| format!("migrating {}", path.display()))?;
-        }
         // Commits on this connection do not wait for the disk. Only for writes a power cut may
         // lose without harm (the relay's deletes of confirmed outbox rows: a lost delete means
-        // a republish, which consumers de-duplicate); later synced commits make them durable
-        // anyway (WAL order).
-        let unsynced = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.synchronous(SqliteSynchronous::Off))
+        // a republish, which consumers de-duplicate); later synced commits of other connections
+        // make them durable anyway (WAL order).
+        let unsynced = sqlite_pool(options, 1, "OFF")
             .await
             .with_context(|| format!("opening {}", path.display()))?;
         Ok(Database {
+            backend: Backend::Sqlite,
             pool,
-            unsynced,
-            writer: Arc::new(Mutex::new(())),
+            unsynced: Some(unsynced),
+            writer: Some(Arc::new(Mutex::new(()))),
         })
     }
 
+    async fn open_postgres(url: &str, schema: &str) -> anyhow::Result<Database> {
+        anyhow::ensure!(
+            schema
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "schema `{schema}`: use lower-case letters, digits and _"
+        );
+        let options = AnyConnectOptions::from_str(url).context("invalid ORDERFLOW_DATABASE_URL")?;
+        // The schema must exist before a connection can make it its search path.
+        let setup = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .context("connecting to PostgreSQL")?;
+        // Instances starting together would race on CREATE SCHEMA (IF NOT EXISTS does not
+        // guard against a concurrent creation); an advisory lock takes them in turn.
+        setup
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DO $$ BEGIN PERFORM pg_advisory_xact_lock({SCHEMA_LOCK}); CREATE SCHEMA IF NOT EXISTS {schema}; END $$"
+            )))
+            .await
+            .with_context(|| format!("creating schema {schema}"))?;
+        setup.close().await;
+        let search_path = Arc::<str>::from(format!("SET search_path TO {schema}"));
+        let pool = AnyPoolOptions::new()
+            .max_connections(10)
+            .after_connect(move |conn, _| {
+                let search_path = search_path.clone();
+                Box::pin(async move {
+                    conn.execute(sqlx::AssertSqlSafe(search_path.to_string()))
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .context("connecting to PostgreSQL")?;
+        Ok(Database {
+            backend: Backend::Postgres,
+            pool,
+            unsynced: None,
+            writer: None,
+        })
+    }
+
+    /// The engine.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
     /// The pool, for reads (and for writes done through [`Database::begin`]).
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
 
-    /// Starts a write transaction, after the writers of this process before it.
-    /// `BEGIN IMMEDIATE` takes SQLite's write lock up front, so it never has to upgrade a read
-    /// lock midway (which can deadlock).
+    /// Starts a write transaction. On SQLite it waits for the writers of this process before
+    /// it, and `BEGIN IMMEDIATE` takes the file's write lock up front so it never has to
+    /// upgrade a read lock midway (which can deadlock).
     pub async fn begin(&self) -> sqlx::Result<Tx> {
-        let writer = self.writer.clone().lock_owned().await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let writer = match &self.writer {
+            Some(writer) => Some(writer.clone().lock_owned().await),
+            None => None,
+        };
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
         Ok(Tx {
             tx,
             _writer: writer,
         })
     }
 
-    /// The unsynced connection, with the write turn held (see [`Database::open`]).
-    pub async fn unsynced(
-        &self,
-    ) -> sqlx::Result<(OwnedMutexGuard<()>, sqlx::pool::PoolConnection<Sqlite>)> {
-        let writer = self.writer.clone().lock_owned().await;
-        let conn = self.unsynced.acquire().await?;
-        Ok((writer, conn))
+    /// A transaction for writes a power cut may lose without harm: on SQLite through the
+    /// unsynced connection (with the write turn held), on PostgreSQL a plain one.
+    pub async fn begin_unsynced(&self) -> sqlx::Result<Tx> {
+        match (&self.unsynced, &self.writer) {
+            (Some(unsynced), Some(writer)) => {
+                let writer = writer.clone().lock_owned().await;
+                let tx = unsynced.begin_with("BEGIN IMMEDIATE").await?;
+                Ok(Tx {
+                    tx,
+                    _writer: Some(writer),
+                })
+            }
+            _ => self.begin().await,
+        }
+    }
+
+    /// Takes the transaction-scoped lock `name` (one per schema) on PostgreSQL, so that
+    /// transactions of every instance that take it run one at a time; a no-op on SQLite,
+    /// whose writers already do. For changes whose row locks could not be taken in one global
+    /// order (a batch touching many rows), where row locks alone would deadlock.
+    pub async fn serialize(&self, conn: &mut AnyConnection, name: &str) -> sqlx::Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query(
+                "SELECT 1 FROM pg_advisory_xact_lock(hashtext(current_schema() || '.' || $1))",
+            )
+            .bind(name)
+            .execute(conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// ` FOR UPDATE` on PostgreSQL, where concurrent writers must lock the rows they read
+    /// before changing them; nothing on SQLite, whose writers never overlap.
+    pub fn for_update(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
     }
 }
 
-/// A write transaction holding this process's write turn until it commits or is dropped.
+async fn sqlite_pool(
+    options: AnyConnectOptions,
+    connections: u32,
+    synchronous: &'static str,
+) -> sqlx::Result<AnyPool> {
+    AnyPoolOptions::new()
+        .max_connections(connections)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                // Other processes (a restarted instance) may hold the write lock briefly.
+                conn.execute("PRAGMA busy_timeout = 10000").await?;
+                conn.execute("PRAGMA journal_mode = WAL").await?;
+                conn.execute(sqlx::AssertSqlSafe(format!(
+                    "PRAGMA synchronous = {synchronous}"
+                )))
+                .await?;
+                conn.execute("PRAGMA foreign_keys = ON").await?;
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+}
+
+/// A write transaction, holding this process's write turn (SQLite) until it ends.
 #[derive(Debug)]
 pub struct Tx {
-    tx: sqlx::Transaction<'static, Sqlite>,
-    _writer: OwnedMutexGuard<()>,
+    tx: sqlx::Transaction<'static, Any>,
+    _writer: Option<OwnedMutexGuard<()>>,
 }
 
 impl Tx {
@@ -136,22 +300,61 @@ impl Tx {
         self.tx.commit().await
     }
 
-    /// Rolls back and gives up the write turn once SQLite's lock is released.
+    /// Rolls back and gives up the write turn once the database released its lock.
     pub async fn rollback(self) -> sqlx::Result<()> {
         self.tx.rollback().await
     }
 }
 
 impl Deref for Tx {
-    type Target = SqliteConnection;
+    type Target = AnyConnection;
 
-    fn deref(&self) -> &SqliteConnection {
+    fn deref(&self) -> &AnyConnection {
         &self.tx
     }
 }
 
 impl DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
         &mut self.tx
+    }
+}
+
+/// Whether `error` means only that concurrent transactions got in each other's way (deadlock,
+/// serialization failure, lock timeout): the same work, run again, can succeed.
+pub fn is_conflict(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| matches!(code.as_ref(), "40P01" | "40001" | "55P03"))
+}
+
+/// A PostgreSQL schema name for `service` in `namespace`: `<namespace>_<service>`, lower-case,
+/// `-` turned into `_`; prefixed with `of_` where PostgreSQL reserves the name (`pg_…`).
+pub fn schema_name(namespace: &str, service: Service) -> String {
+    let name = format!(
+        "{}_{}",
+        namespace.to_ascii_lowercase().replace('-', "_"),
+        service.as_str()
+    );
+    if name.starts_with("pg_") {
+        format!("of_{name}")
+    } else {
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_safe_identifiers() {
+        assert_eq!(
+            schema_name("test-AB12", Service::Inventory),
+            "test_ab12_inventory"
+        );
+        assert_eq!(schema_name("orderflow", Service::Order), "orderflow_order");
+        assert_eq!(schema_name("pg-1", Service::Payment), "of_pg_1_payment");
     }
 }

@@ -7,13 +7,13 @@
 
 use std::{future::Future, sync::Arc};
 
-use sqlx::SqliteConnection;
+use sqlx::AnyConnection;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
     bus::{Event, HandleError, Incoming, Processor, propagation},
-    db::{Database, Tx},
+    db::{self, Database, Tx},
     fault::Faults,
     outbox::Outbox,
     time,
@@ -21,7 +21,9 @@ use crate::{
 
 /// Work a handler does for one delivery, inside the batch transaction.
 pub struct Context<'a> {
-    conn: &'a mut SqliteConnection,
+    conn: &'a mut AnyConnection,
+    db: &'a Database,
+    serialized: &'a mut Vec<&'static str>,
     outbox: &'a Outbox,
     staged: usize,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
@@ -29,8 +31,27 @@ pub struct Context<'a> {
 
 impl Context<'_> {
     /// The transaction's connection.
-    pub fn conn(&mut self) -> &mut SqliteConnection {
+    pub fn conn(&mut self) -> &mut AnyConnection {
         self.conn
+    }
+
+    /// What to append to a `SELECT` of rows this handler will change (see
+    /// [`Database::for_update`]).
+    pub fn for_update(&self) -> &'static str {
+        self.db.for_update()
+    }
+
+    /// Runs the rest of this transaction (the whole batch) one at a time with every other
+    /// transaction that takes `name`, across instances (see [`Database::serialize`]).
+    pub async fn serialize(&mut self, name: &'static str) -> Result<(), HandleError> {
+        if !self.serialized.contains(&name) {
+            self.db
+                .serialize(self.conn, name)
+                .await
+                .map_err(HandleError::transient)?;
+            self.serialized.push(name);
+        }
+        Ok(())
     }
 
     /// Stages `event` for publishing once the transaction commits.
@@ -121,30 +142,50 @@ impl<H: Handler> Inbox<H> {
         batch: &[Incoming],
     ) -> Result<Vec<Result<(), HandleError>>, sqlx::Error> {
         let mut failed: Vec<Option<HandleError>> = batch.iter().map(|_| None).collect();
+        let mut conflicts = 0;
         'attempt: loop {
             let mut tx = self.db.begin().await?;
             let mut after_commit = Vec::new();
             let mut staged = 0;
+            let mut serialized = Vec::new();
             for (message, failure) in batch.iter().zip(failed.iter_mut()) {
                 if failure.is_some() {
                     continue;
                 }
                 let span = process_span(message, &self.queue, self.outbox.service().service_name());
-                match self.apply(&mut tx, message).instrument(span.clone()).await {
+                match self
+                    .apply(&mut tx, &mut serialized, message)
+                    .instrument(span.clone())
+                    .await
+                {
                     Ok(Some((n, callbacks))) => {
                         staged += n;
                         after_commit.extend(callbacks);
                     }
                     Ok(None) => {}
                     Err(error) => {
+                        tx.rollback().await?;
+                        // Another instance's transaction got in the way, not this message:
+                        // run the batch again as it was.
+                        if is_conflict(&error) && conflicts < MAX_CONFLICT_RETRIES {
+                            conflicts += 1;
+                            conflict_pause(conflicts).await;
+                            continue 'attempt;
+                        }
                         crate::telemetry::record_error(&span, error.kind(), &error);
                         *failure = Some(error);
-                        tx.rollback().await?;
                         continue 'attempt;
                     }
                 }
             }
-            tx.commit().await?;
+            if let Err(error) = tx.commit().await {
+                if db::is_conflict(&error) && conflicts < MAX_CONFLICT_RETRIES {
+                    conflicts += 1;
+                    conflict_pause(conflicts).await;
+                    continue 'attempt;
+                }
+                return Err(error);
+            }
             if self.faults.crash_after_commit() {
                 tracing::error!("Injected fault: aborting after commit, before publishing.");
                 std::process::abort();
@@ -161,14 +202,19 @@ impl<H: Handler> Inbox<H> {
 
     /// One message's effects: its inbox record and whatever its handler does. `None` for a
     /// duplicate (nothing to do); otherwise the events staged and the after-commit callbacks.
-    async fn apply(&self, tx: &mut Tx, message: &Incoming) -> Result<Option<Applied>, HandleError> {
+    async fn apply(
+        &self,
+        tx: &mut Tx,
+        serialized: &mut Vec<&'static str>,
+        message: &Incoming,
+    ) -> Result<Option<Applied>, HandleError> {
         let Some(key) = (self.dedup_key)(message) else {
             return Err(HandleError::permanent(anyhow::anyhow!(
                 "message has no message_id, so it cannot be processed exactly once"
             )));
         };
         let first_time = sqlx::query(
-            "INSERT INTO inbox (queue, message_id, processed_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO inbox (queue, message_id, processed_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
         .bind(&self.queue)
         .bind(&key)
@@ -184,12 +230,38 @@ impl<H: Handler> Inbox<H> {
         }
         let mut cx = Context {
             conn: tx,
+            db: &self.db,
+            serialized,
             outbox: &self.outbox,
             staged: 0,
             after_commit: Vec::new(),
         };
         self.handler.handle(&mut cx, message).await?;
         Ok(Some((cx.staged, cx.after_commit)))
+    }
+}
+
+/// Times a batch is run again after losing a conflict with another instance's transaction,
+/// before its deliveries go the usual retry way.
+const MAX_CONFLICT_RETRIES: u32 = 5;
+
+/// A short random pause, growing with `conflicts`, so the transactions that collided do not
+/// collide again in lockstep.
+async fn conflict_pause(conflicts: u32) {
+    use rand::Rng as _;
+    let millis = rand::rng().random_range(1..=10 * u64::from(conflicts));
+    tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+}
+
+/// Whether a handler failed only because of a conflict with a concurrent transaction.
+fn is_conflict(error: &HandleError) -> bool {
+    match error {
+        HandleError::Transient(error) => error.chain().any(|cause| {
+            cause
+                .downcast_ref::<sqlx::Error>()
+                .is_some_and(db::is_conflict)
+        }),
+        HandleError::Permanent(_) => false,
     }
 }
 

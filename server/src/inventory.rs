@@ -9,10 +9,3 @@
 pub mod catalog;
 pub mod handler;
 pub mod stock;
-
-use sqlx::migrate::Migrator;
-
-/// The inventory service's schema.
-pub fn migrations() -> Migrator {
-    crate::db::shared(sqlx::migrate!("./migrations/inventory"))
-}

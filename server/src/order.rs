@@ -14,14 +14,8 @@ pub mod store;
 pub mod watch;
 
 use serde::{Deserialize, Serialize};
-use sqlx::migrate::Migrator;
 
 pub use status::Status;
-
-/// The order service's schema.
-pub fn migrations() -> Migrator {
-    crate::db::shared(sqlx::migrate!("./migrations/order"))
-}
 
 /// A validated request for a new order.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ pub mod relay;
 
 use std::sync::Arc;
 
-use sqlx::SqliteConnection;
+use sqlx::AnyConnection;
 use tokio::sync::Notify;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -50,7 +50,7 @@ impl Outbox {
     /// trace context is stored with it so the publish continues the trace.
     pub async fn stage<E: Event>(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         event: &E,
     ) -> sqlx::Result<String> {
         self.stage_with_context(conn, event, &tracing::Span::current().context())
@@ -61,7 +61,7 @@ impl Outbox {
     /// whose span is not the current one (e.g. a group commit).
     pub async fn stage_with_context<E: Event>(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         event: &E,
         trace: &opentelemetry::Context,
     ) -> sqlx::Result<String> {
@@ -70,7 +70,7 @@ impl Outbox {
         let trace = serde_json::to_string(&trace).unwrap_or_else(|_| "{}".to_owned());
         sqlx::query(
             "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&message_id)
         .bind(E::ROUTING_KEY)

@@ -3,10 +3,3 @@
 
 pub mod handler;
 pub mod provider;
-
-use sqlx::migrate::Migrator;
-
-/// The payment service's schema.
-pub fn migrations() -> Migrator {
-    crate::db::shared(sqlx::migrate!("./migrations/payment"))
-}

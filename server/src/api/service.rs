@@ -48,6 +48,7 @@ impl OrderApi {
             PlaceError::ShuttingDown => {
                 Error::Unavailable("the server is shutting down; retry elsewhere".into())
             }
+            PlaceError::Contended => Error::Unavailable(PlaceError::Contended.to_string()),
         })?;
         let order = match placed {
             Placed::Created(order) => {

@@ -6,7 +6,7 @@
 //! (`tx.closed()`), or at shutdown, when the client is told to resume elsewhere.
 
 use orderflow_proto::orderflow::v1 as pb;
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +18,9 @@ use crate::order::{store, watch::Subscription};
 
 /// Updates buffered per stream; a slow client makes its own task wait, nobody else.
 const BUFFER: usize = 16;
+/// A stream reads again after this long even without a bell: the hub can miss a change
+/// another instance committed out of `seq` order (see `Hub::follow`); this bounds the delay.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The stream type of `WatchOrder`.
 pub(super) type UpdateStream = ReceiverStream<Result<pb::OrderUpdate, Status>>;
@@ -72,7 +75,7 @@ pub(super) async fn start(
 }
 
 struct Follow {
-    pool: SqlitePool,
+    pool: AnyPool,
     order_id: String,
     after: u64,
     subscription: Subscription,
@@ -113,6 +116,7 @@ impl Follow {
             }
             tokio::select! {
                 _ = self.subscription.changed() => {}
+                _ = tokio::time::sleep(RECHECK) => {}
                 _ = self.tx.closed() => return,
                 _ = self.shutdown.cancelled() => {
                     let message = format!("server shutting down; resume with resume_after_version={}", self.after);

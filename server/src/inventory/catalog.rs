@@ -93,7 +93,7 @@ pub async fn seed(db: &crate::db::Database, entries: &[Entry]) -> sqlx::Result<u
     let mut added = 0;
     for entry in entries {
         added += sqlx::query(
-            "INSERT INTO stock (sku, name, price_cents, available) VALUES (?, ?, ?, ?) ON CONFLICT (sku) DO NOTHING",
+            "INSERT INTO stock (sku, name, price_cents, available) VALUES ($1, $2, $3, $4) ON CONFLICT (sku) DO NOTHING",
         )
         .bind(&entry.sku)
         .bind(&entry.name)

@@ -36,7 +36,11 @@ impl Handler for InventoryHandler {
             let event: pb::OrderCreated = message.decode()?;
             check(&event)?;
             self.faults.inject(message)?;
-            match stock::reserve(cx.conn(), &event.order_id, &event.items)
+            // A batch reserves many orders' SKUs in no global order: row locks alone would
+            // let two instances' batches deadlock.
+            cx.serialize("stock").await?;
+            let lock = cx.for_update();
+            match stock::reserve(cx.conn(), &event.order_id, &event.items, lock)
                 .await
                 .map_err(HandleError::transient)?
             {
@@ -72,7 +76,9 @@ impl Handler for InventoryHandler {
         } else if kind == pb::PaymentFailed::full_name() {
             let event: pb::PaymentFailed = message.decode()?;
             self.faults.inject(message)?;
-            if let Some(lines) = stock::release(cx.conn(), &event.order_id)
+            cx.serialize("stock").await?;
+            let lock = cx.for_update();
+            if let Some(lines) = stock::release(cx.conn(), &event.order_id, lock)
                 .await
                 .map_err(HandleError::transient)?
             {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use orderflow_proto::orderflow::v1 as pb;
 use serde::{Deserialize, Serialize};
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool};
 
 use crate::time;
 
@@ -59,13 +59,16 @@ pub enum Decision {
 }
 
 /// Reserves `lines` for `order_id`, or records why not.
+/// `for_update` locks the stock rows read (PostgreSQL, where other instances reserve
+/// concurrently); rows are locked in SKU order so two reservations never deadlock.
 pub async fn reserve(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order_id: &str,
     lines: &[pb::OrderLine],
+    for_update: &str,
 ) -> sqlx::Result<Decision> {
     let decided: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM reservations WHERE order_id = ?")
+        sqlx::query_as("SELECT status FROM reservations WHERE order_id = $1")
             .bind(order_id)
             .fetch_optional(&mut *conn)
             .await?;
@@ -74,12 +77,15 @@ pub async fn reserve(
     }
 
     let mut catalog: HashMap<String, (String, i64, i64)> = HashMap::with_capacity(lines.len());
-    for line in lines {
-        let row: Option<(String, i64, i64)> =
-            sqlx::query_as("SELECT name, price_cents, available FROM stock WHERE sku = ?")
-                .bind(&line.sku)
-                .fetch_optional(&mut *conn)
-                .await?;
+    let mut in_sku_order: Vec<&pb::OrderLine> = lines.iter().collect();
+    in_sku_order.sort_by(|a, b| a.sku.cmp(&b.sku));
+    let select =
+        format!("SELECT name, price_cents, available FROM stock WHERE sku = $1{for_update}");
+    for line in in_sku_order {
+        let row: Option<(String, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(select.clone()))
+            .bind(&line.sku)
+            .fetch_optional(&mut *conn)
+            .await?;
         if let Some(row) = row {
             catalog.insert(line.sku.clone(), row);
         }
@@ -93,7 +99,7 @@ pub async fn reserve(
             total_cents,
         } => {
             for line in reserved {
-                let updated = sqlx::query("UPDATE stock SET available = available - ?1 WHERE sku = ?2 AND available >= ?1")
+                let updated = sqlx::query("UPDATE stock SET available = available - $1 WHERE sku = $2 AND available >= $1")
                     .bind(i64::from(line.quantity))
                     .bind(&line.sku)
                     .execute(&mut *conn)
@@ -101,7 +107,7 @@ pub async fn reserve(
                     .rows_affected();
                 if updated != 1 {
                     // Someone else took the stock between our read and write (only possible on a
-                    // shared database). Fail the whole message so its savepoint rolls back.
+                    // shared database without row locks). Failing rolls the message back.
                     return Err(sqlx::Error::Protocol(format!(
                         "stock of {} changed concurrently",
                         line.sku
@@ -114,7 +120,7 @@ pub async fn reserve(
         Decision::AlreadyDecided => unreachable!("decide() never returns AlreadyDecided"),
     };
     sqlx::query(
-        "INSERT INTO reservations (order_id, status, lines, total_cents, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO reservations (order_id, status, lines, total_cents, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(order_id)
     .bind(status)
@@ -198,15 +204,17 @@ pub fn decide(lines: &[pb::OrderLine], catalog: &HashMap<String, (String, i64, i
 }
 
 /// Returns the stock of a still-held reservation; `None` if there is none to release.
+/// `for_update` locks the reservation, so two instances never release it both.
 pub async fn release(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order_id: &str,
+    for_update: &str,
 ) -> sqlx::Result<Option<Vec<ReservedLine>>> {
-    let row: Option<(String, String)> =
-        sqlx::query_as("SELECT status, lines FROM reservations WHERE order_id = ?")
-            .bind(order_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let select = format!("SELECT status, lines FROM reservations WHERE order_id = $1{for_update}");
+    let row: Option<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(select))
+        .bind(order_id)
+        .fetch_optional(&mut *conn)
+        .await?;
     let Some((status, lines)) = row else {
         return Ok(None);
     };
@@ -216,13 +224,13 @@ pub async fn release(
     let lines: Vec<ReservedLine> =
         serde_json::from_str(&lines).map_err(|e| sqlx::Error::Decode(e.into()))?;
     for line in &lines {
-        sqlx::query("UPDATE stock SET available = available + ? WHERE sku = ?")
+        sqlx::query("UPDATE stock SET available = available + $1 WHERE sku = $2")
             .bind(i64::from(line.quantity))
             .bind(&line.sku)
             .execute(&mut *conn)
             .await?;
     }
-    sqlx::query("UPDATE reservations SET status = 'released', updated_at = ? WHERE order_id = ?")
+    sqlx::query("UPDATE reservations SET status = 'released', updated_at = $1 WHERE order_id = $2")
         .bind(time::now_micros())
         .bind(order_id)
         .execute(&mut *conn)
@@ -231,7 +239,7 @@ pub async fn release(
 }
 
 /// Units available of every SKU, for operators and tests.
-pub async fn levels(pool: &SqlitePool) -> sqlx::Result<HashMap<String, i64>> {
+pub async fn levels(pool: &AnyPool) -> sqlx::Result<HashMap<String, i64>> {
     let rows: Vec<(String, i64)> = sqlx::query_as("SELECT sku, available FROM stock")
         .fetch_all(pool)
         .await?;

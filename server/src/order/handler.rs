@@ -77,7 +77,8 @@ impl Handler for SagaHandler {
         } else if kind == pb::InventoryReleased::full_name() {
             // Compensation done: no status change, but the order records when it happened.
             let event: pb::InventoryReleased = message.decode()?;
-            let Some(mut order) = store::load(cx.conn(), &event.order_id)
+            let lock = cx.for_update();
+            let Some(mut order) = store::load_locked(cx.conn(), &event.order_id, lock)
                 .await
                 .map_err(HandleError::transient)?
             else {
@@ -221,7 +222,8 @@ async fn apply(
     reason: &str,
     update: impl FnOnce(&mut Order),
 ) -> Result<(), HandleError> {
-    let Some(mut order) = store::load(cx.conn(), order_id)
+    let lock = cx.for_update();
+    let Some(mut order) = store::load_locked(cx.conn(), order_id, lock)
         .await
         .map_err(HandleError::transient)?
     else {

@@ -147,10 +147,18 @@ impl Writer {
 }
 
 fn fail_all(batch: Vec<Request>, error: &sqlx::Error) {
+    // Two instances inserting the same idempotency key: the loser's callers retry and find the
+    // winner's order.
+    let contended = error
+        .as_database_error()
+        .is_some_and(|e| e.is_unique_violation());
     for request in batch {
-        let _ = request
-            .reply
-            .send(Err(PlaceError::Database(clone_error(error))));
+        let reason = if contended {
+            PlaceError::Contended
+        } else {
+            PlaceError::Database(clone_error(error))
+        };
+        let _ = request.reply.send(Err(reason));
     }
 }
 

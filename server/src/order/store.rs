@@ -2,7 +2,7 @@
 //! transaction), reading and listing orders, reading history, and recording transitions.
 
 use orderflow_proto::orderflow::v1 as pb;
-use sqlx::{FromRow, SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool, FromRow};
 
 use super::{Change, Item, NewOrder, Order, Status};
 use crate::{
@@ -22,6 +22,10 @@ pub enum PlaceError {
     /// The database failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// Another instance stored an order with the same idempotency key at the same moment;
+    /// a retry returns that order.
+    #[error("a request with the same idempotency key is being stored; retry")]
+    Contended,
     /// The server is shutting down and takes no new orders.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -109,7 +113,7 @@ fn parse_status(s: &str) -> Result<Status, sqlx::Error> {
 /// transaction, with the trace context `trace`), or returns the order an idempotency key
 /// already names. Nothing is durable until the caller commits.
 pub async fn place(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     outbox: &Outbox,
     order: &NewOrder,
     trace: &opentelemetry::Context,
@@ -117,7 +121,7 @@ pub async fn place(
     let digest = order.digest();
     if let Some(key) = &order.idempotency_key {
         let existing: Option<(String, String)> = sqlx::query_as(
-            "SELECT order_id, request_digest FROM orders WHERE customer_id = ? AND idempotency_key = ?",
+            "SELECT order_id, request_digest FROM orders WHERE customer_id = $1 AND idempotency_key = $2",
         )
         .bind(&order.customer_id)
         .bind(key)
@@ -150,7 +154,7 @@ pub async fn place(
     let items_json = serde_json::to_string(&items).map_err(|e| sqlx::Error::Encode(e.into()))?;
     sqlx::query(
         "INSERT INTO orders (order_id, customer_id, items, status, version, idempotency_key, request_digest, created_at, updated_at)
-         VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8)",
     )
     .bind(&order_id)
     .bind(&order.customer_id)
@@ -202,7 +206,7 @@ pub async fn place(
 }
 
 /// One order with its full history.
-pub async fn get(pool: &SqlitePool, order_id: &str) -> sqlx::Result<Option<Order>> {
+pub async fn get(pool: &AnyPool, order_id: &str) -> sqlx::Result<Option<Order>> {
     let mut conn = pool.acquire().await?;
     let Some(mut order) = load(&mut conn, order_id).await? else {
         return Ok(None);
@@ -212,8 +216,18 @@ pub async fn get(pool: &SqlitePool, order_id: &str) -> sqlx::Result<Option<Order
 }
 
 /// One order without history, on the caller's connection (e.g. inside a transaction).
-pub async fn load(conn: &mut SqliteConnection, order_id: &str) -> sqlx::Result<Option<Order>> {
-    let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ?");
+pub async fn load(conn: &mut AnyConnection, order_id: &str) -> sqlx::Result<Option<Order>> {
+    load_locked(conn, order_id, "").await
+}
+
+/// [`load`], appending `for_update` (` FOR UPDATE` where concurrent writers must be kept
+/// off the row until this transaction ends).
+pub async fn load_locked(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    for_update: &str,
+) -> sqlx::Result<Option<Order>> {
+    let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1{for_update}");
     let row: Option<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(order_id)
         .fetch_optional(conn)
@@ -223,12 +237,12 @@ pub async fn load(conn: &mut SqliteConnection, order_id: &str) -> sqlx::Result<O
 
 /// Status changes of an order with a version above `after`, oldest first.
 pub async fn history_after(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order_id: &str,
     after: u64,
 ) -> sqlx::Result<Vec<Change>> {
     let rows: Vec<ChangeRow> = sqlx::query_as(
-        "SELECT version, status, reason, at FROM order_history WHERE order_id = ? AND version > ? ORDER BY version",
+        "SELECT version, status, reason, at FROM order_history WHERE order_id = $1 AND version > $2 ORDER BY version",
     )
     .bind(order_id)
     .bind(after as i64)
@@ -240,15 +254,15 @@ pub async fn history_after(
 /// A page of orders, newest first: those older than `before` (an order id), optionally of
 /// one customer. Asks for one extra row to know whether another page exists.
 pub async fn list(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     customer_id: Option<&str>,
     before: Option<&str>,
     limit: u32,
 ) -> sqlx::Result<(Vec<Order>, bool)> {
     let sql = format!(
         "SELECT {ORDER_COLUMNS} FROM orders
-         WHERE (?1 IS NULL OR customer_id = ?1) AND (?2 IS NULL OR order_id < ?2)
-         ORDER BY order_id DESC LIMIT ?3"
+         WHERE (CAST($1 AS TEXT) IS NULL OR customer_id = $1) AND (CAST($2 AS TEXT) IS NULL OR order_id < $2)
+         ORDER BY order_id DESC LIMIT $3"
     );
     let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(customer_id)
@@ -268,7 +282,7 @@ pub async fn list(
 /// Writes the order's new state and appends one history row per status in `statuses`.
 /// Returns the final version.
 pub async fn record(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order: &Order,
     statuses: &[Status],
     reason: &str,
@@ -287,9 +301,9 @@ pub async fn record(
     let items = serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
     let status = statuses.last().copied().unwrap_or(order.status);
     sqlx::query(
-        "UPDATE orders SET items = ?, total_cents = ?, status = ?, version = ?, failure_reason = ?,
-                transaction_id = ?, stock_released_at = ?, updated_at = ?
-         WHERE order_id = ?",
+        "UPDATE orders SET items = $1, total_cents = $2, status = $3, version = $4, failure_reason = $5,
+                transaction_id = $6, stock_released_at = $7, updated_at = $8
+         WHERE order_id = $9",
     )
     .bind(items)
     .bind(order.total_cents)
@@ -307,26 +321,25 @@ pub async fn record(
 
 /// Whether the order's history contains `status`.
 pub async fn has_reached(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order_id: &str,
     status: Status,
 ) -> sqlx::Result<bool> {
-    let (reached,): (bool,) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM order_history WHERE order_id = ? AND status = ?)",
-    )
-    .bind(order_id)
-    .bind(status.as_str())
-    .fetch_one(conn)
-    .await?;
-    Ok(reached)
+    let (reached,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM order_history WHERE order_id = $1 AND status = $2")
+            .bind(order_id)
+            .bind(status.as_str())
+            .fetch_one(conn)
+            .await?;
+    Ok(reached > 0)
 }
 
 /// Writes the order's items, total and transaction without a status change.
-pub async fn save_details(conn: &mut SqliteConnection, order: &Order) -> sqlx::Result<()> {
+pub async fn save_details(conn: &mut AnyConnection, order: &Order) -> sqlx::Result<()> {
     let items = serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
     sqlx::query(
-        "UPDATE orders SET items = ?, total_cents = ?, transaction_id = ?, stock_released_at = ?, updated_at = ?
-         WHERE order_id = ?",
+        "UPDATE orders SET items = $1, total_cents = $2, transaction_id = $3, stock_released_at = $4, updated_at = $5
+         WHERE order_id = $6",
     )
     .bind(items)
     .bind(order.total_cents)
@@ -340,7 +353,7 @@ pub async fn save_details(conn: &mut SqliteConnection, order: &Order) -> sqlx::R
 }
 
 async fn insert_change(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order_id: &str,
     version: u64,
     status: Status,
@@ -348,7 +361,7 @@ async fn insert_change(
     at: i64,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO order_history (order_id, version, status, reason, at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO order_history (order_id, version, status, reason, at) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(order_id)
     .bind(version as i64)
@@ -362,12 +375,12 @@ async fn insert_change(
 
 /// Changes recorded after `seq` (any order), for following changes made by other processes.
 pub async fn changes_since(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     seq: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<(i64, String, u64)>> {
     let rows: Vec<(i64, String, i64)> = sqlx::query_as(
-        "SELECT seq, order_id, version FROM order_history WHERE seq > ? ORDER BY seq LIMIT ?",
+        "SELECT seq, order_id, version FROM order_history WHERE seq > $1 ORDER BY seq LIMIT $2",
     )
     .bind(seq)
     .bind(limit)
@@ -377,7 +390,7 @@ pub async fn changes_since(
 }
 
 /// The newest history `seq`, 0 for none.
-pub async fn last_change_seq(pool: &SqlitePool) -> sqlx::Result<i64> {
+pub async fn last_change_seq(pool: &AnyPool) -> sqlx::Result<i64> {
     let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM order_history")
         .fetch_one(pool)
         .await?;

@@ -11,16 +11,18 @@ use std::{
     time::Duration,
 };
 
-use sqlx::SqlitePool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::store;
+use crate::db::{Backend, Database};
 
 /// How often changes made by other processes are looked for.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
 const FOLLOW_BATCH: i64 = 1000;
+/// History rows re-read behind the cursor on PostgreSQL (see [`Hub::follow`]).
+const LOOKBACK: i64 = 500;
 
 /// Registry of watched orders. Cheap to clone.
 #[derive(Clone, Debug, Default)]
@@ -82,11 +84,16 @@ impl Hub {
         }
     }
 
-    /// Rings for `order_id`, which reached `version`.
+    /// Rings for `order_id`, which reached `version`, unless it already rang for that version
+    /// (changes are heard both from this process and from the database).
     pub fn notify(&self, order_id: &str, version: u64) {
         let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = watched.get(order_id) {
-            entry.bell.send_replace(version);
+            entry.bell.send_if_modified(|rung| {
+                let newer = version > *rung;
+                *rung = (*rung).max(version);
+                newer
+            });
         }
     }
 
@@ -96,7 +103,15 @@ impl Hub {
     }
 
     /// Follows changes committed by any process sharing `pool` until `shutdown`.
-    pub async fn follow(self, pool: SqlitePool, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn follow(self, db: Database, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let pool = db.pool().clone();
+        // PostgreSQL hands out `seq` at insert but commits in any order: a change may appear
+        // behind the cursor. Re-reading a window behind it catches those; the bell ignores
+        // versions it has already rung for. SQLite commits one writer at a time, in order.
+        let lookback = match db.backend() {
+            Backend::Sqlite => 0,
+            Backend::Postgres => LOOKBACK,
+        };
         let mut cursor = store::last_change_seq(&pool).await?;
         let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -113,10 +128,10 @@ impl Hub {
                 }
                 continue;
             }
-            match store::changes_since(&pool, cursor, FOLLOW_BATCH).await {
+            match store::changes_since(&pool, cursor - lookback, FOLLOW_BATCH + lookback).await {
                 Ok(changes) => {
                     for (seq, order_id, version) in changes {
-                        cursor = seq;
+                        cursor = cursor.max(seq);
                         self.notify(&order_id, version);
                     }
                 }

@@ -13,7 +13,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use super::Outbox;
 use crate::{
     bus::{Outgoing, Publisher, message, propagation, topology::Topology},
-    db::Database,
+    db::{Backend, Database},
     metrics::Metrics,
 };
 
@@ -22,6 +22,34 @@ const BATCH: i64 = 256;
 /// How often the relay looks even when nobody woke it (e.g. rows left by a crash).
 const POLL: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Confirmed rows are done; a crash before this delete republishes them, and consumers drop
+/// the duplicate by message id.
+async fn delete(conn: &mut sqlx::AnyConnection, seqs: &[i64]) -> sqlx::Result<()> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    let placeholders: Vec<String> = (1..=seqs.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "DELETE FROM outbox WHERE seq IN ({})",
+        placeholders.join(",")
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for seq in seqs {
+        query = query.bind(seq);
+    }
+    query.execute(conn).await?;
+    Ok(())
+}
+
+/// A round's result: rows published, or the error if none could be (later rows of a failed
+/// batch are retried next round, in order).
+fn settled(published: usize, error: Option<crate::bus::PublishError>) -> anyhow::Result<usize> {
+    match error {
+        Some(error) if published == 0 => Err(error.into()),
+        _ => Ok(published),
+    }
+}
 
 #[derive(Debug, FromRow)]
 struct Row {
@@ -113,18 +141,53 @@ impl Relay {
     }
 
     /// Publishes up to one batch; returns how many rows were published and deleted.
+    ///
+    /// SQLite: one relay per database file reads the oldest rows, publishes, and deletes them
+    /// in a short transaction (holding the file's write lock across a broker round trip would
+    /// stall every writer). PostgreSQL: every instance's relay claims rows with
+    /// `FOR UPDATE SKIP LOCKED` in a transaction that lasts until they are deleted, so two
+    /// relays never publish the same row.
     async fn relay_batch(&self) -> anyhow::Result<usize> {
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT seq, message_id, routing_key, message_type, correlation_id, body, trace_context, created_at
-             FROM outbox ORDER BY seq LIMIT ?",
-        )
-        .bind(BATCH)
-        .fetch_all(self.db.pool())
-        .await?;
-        if rows.is_empty() {
-            return Ok(0);
+        const SELECT: &str = "SELECT seq, message_id, routing_key, message_type, correlation_id, body, trace_context, created_at
+             FROM outbox ORDER BY seq LIMIT $1";
+        match self.db.backend() {
+            Backend::Sqlite => {
+                let rows: Vec<Row> = sqlx::query_as(SELECT)
+                    .bind(BATCH)
+                    .fetch_all(self.db.pool())
+                    .await?;
+                if rows.is_empty() {
+                    return Ok(0);
+                }
+                let (published, error) = self.publish(&rows).await;
+                if !published.is_empty() {
+                    let mut tx = self.db.begin_unsynced().await?;
+                    delete(&mut tx, &published).await?;
+                    tx.commit().await?;
+                }
+                settled(published.len(), error)
+            }
+            Backend::Postgres => {
+                let mut tx = self.db.begin().await?;
+                let claim = format!("{SELECT} FOR UPDATE SKIP LOCKED");
+                let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(claim))
+                    .bind(BATCH)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                if rows.is_empty() {
+                    tx.rollback().await?;
+                    return Ok(0);
+                }
+                let (published, error) = self.publish(&rows).await;
+                delete(&mut tx, &published).await?;
+                tx.commit().await?;
+                settled(published.len(), error)
+            }
         }
+    }
 
+    /// Publishes `rows` with confirms; returns the `seq`s the broker took and the first error.
+    async fn publish(&self, rows: &[Row]) -> (Vec<i64>, Option<crate::bus::PublishError>) {
         let service = self.outbox.service().service_name();
         let spans: Vec<tracing::Span> = rows.iter().map(|row| self.publish_span(row)).collect();
         let messages: Vec<Outgoing> = rows
@@ -137,7 +200,6 @@ impl Relay {
             .publish_all(&messages)
             .instrument(tracing::Span::none())
             .await;
-
         let mut published = Vec::with_capacity(rows.len());
         let mut first_error = None;
         for ((row, span), result) in rows.iter().zip(&spans).zip(results) {
@@ -162,23 +224,7 @@ impl Relay {
                 }
             }
         }
-        if !published.is_empty() {
-            // Confirmed rows are done; a crash before this delete republishes them, and
-            // consumers drop the duplicate by message id.
-            let placeholders = vec!["?"; published.len()].join(",");
-            let sql = format!("DELETE FROM outbox WHERE seq IN ({placeholders})");
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for seq in &published {
-                query = query.bind(seq);
-            }
-            let (_turn, mut conn) = self.db.unsynced().await?;
-            query.execute(&mut *conn).await?;
-        }
-        match first_error {
-            // Later rows of a failed batch are retried next round, in order.
-            Some(error) if published.is_empty() => Err(error.into()),
-            _ => Ok(published.len()),
-        }
+        (published, first_error)
     }
 
     fn publish_span(&self, row: &Row) -> tracing::Span {

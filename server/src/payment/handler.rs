@@ -44,7 +44,7 @@ impl Handler for PaymentHandler {
         self.faults.inject(message)?;
 
         let charged: Option<(String,)> =
-            sqlx::query_as("SELECT status FROM payments WHERE order_id = ?")
+            sqlx::query_as("SELECT status FROM payments WHERE order_id = $1")
                 .bind(&event.order_id)
                 .fetch_optional(cx.conn())
                 .await
@@ -60,7 +60,7 @@ impl Handler for PaymentHandler {
             Charge::Declined(reason) => ("declined", None, reason.as_str()),
         };
         sqlx::query(
-            "INSERT INTO payments (order_id, status, amount_cents, transaction_id, reason, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO payments (order_id, status, amount_cents, transaction_id, reason, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&event.order_id)
         .bind(status)
