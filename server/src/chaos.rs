@@ -26,6 +26,8 @@ pub struct Report {
     pub elapsed: Duration,
     /// How long orders were being placed.
     pub placing: Duration,
+    /// From the first order to every order terminal and every outbox empty.
+    pub settled_after: Duration,
     /// Faults injected, in order, with when.
     pub faults: Vec<(Duration, String)>,
     /// The audit of the final state.
@@ -66,6 +68,12 @@ impl fmt::Display for Report {
             f,
             "throughput:           {:.1} orders/s placed over {placing:.1} s",
             a.placed as f64 / placing
+        )?;
+        let settled = self.settled_after.as_secs_f64().max(0.001);
+        writeln!(
+            f,
+            "                      {:.1} orders/s finished ({settled:.1} s from the first order to settled)",
+            a.placed as f64 / settled
         )?;
         for (service, kib) in &self.peak_rss_kib {
             writeln!(
@@ -111,9 +119,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<Report> {
     let mut deployment = deployment::Deployment::start(settings.deployment.clone()).await?;
     let stop = tokio_util::sync::CancellationToken::new();
     let run_id = format!("{namespace}-{}", uuid::Uuid::new_v4().simple());
+    let load_started = std::time::Instant::now();
     let mut driver = {
-        let (addr, plan, stop) = (deployment.order_addr(), settings.plan.clone(), stop.clone());
-        tokio::spawn(async move { driver::run(addr, plan, &run_id, stop).await })
+        let (addrs, plan, stop) = (
+            deployment.order_addrs(),
+            settings.plan.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move { driver::run(&addrs, plan, &run_id, stop).await })
     };
 
     let mut injected = Vec::new();
@@ -158,13 +171,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<Report> {
     let placing = placed.elapsed;
     result?;
 
-    let settled = audit::wait_settled(deployment.data_dir(), settings.settle_timeout).await?;
-    let mut audit = audit::audit(
-        deployment.data_dir(),
-        &placed.accepted,
-        &settings.initial_stock,
-    )
-    .await?;
+    let state = deployment.state();
+    let settled = audit::wait_settled(&state, settings.settle_timeout).await?;
+    let settled_after = load_started.elapsed();
+    let mut audit = audit::audit(&state, &placed.accepted, &settings.initial_stock).await?;
     if !settled {
         audit.problems.push(format!(
             "the system did not settle within {:?}",
@@ -184,21 +194,26 @@ pub async fn run(settings: Settings) -> anyhow::Result<Report> {
     Ok(Report {
         elapsed: started.elapsed(),
         placing,
+        settled_after,
         faults: injected,
         audit,
         peak_rss_kib,
     })
 }
 
-/// Deletes every queue and exchange of `namespace` (best effort).
+/// Deletes every queue and exchange of `namespace` (best effort), through the first node of
+/// `amqp_url` that answers.
 pub async fn delete_namespace(amqp_url: &str, namespace: &str) {
     let topology = crate::bus::Topology::new(namespace, 20, 1);
-    if let Ok(conn) =
-        lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await
-    {
-        if let Ok(channel) = conn.create_channel().await {
-            let _ = topology.delete(&channel).await;
+    for node in amqp_url.split(',').map(str::trim) {
+        if let Ok(conn) =
+            lapin::Connection::connect(node, lapin::ConnectionProperties::default()).await
+        {
+            if let Ok(channel) = conn.create_channel().await {
+                let _ = topology.delete(&channel).await;
+            }
+            let _ = conn.close(200, "chaos cleanup".into()).await;
+            return;
         }
-        let _ = conn.close(200, "chaos cleanup".into()).await;
     }
 }

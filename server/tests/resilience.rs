@@ -46,6 +46,8 @@ fn settings(dir: &std::path::Path, namespace: &str) -> deployment::Settings {
         namespace: namespace.to_owned(),
         data_dir: dir.to_owned(),
         amqp_url: amqp_url(),
+        database_url: None,
+        instances: 1,
         args: vec![
             "--catalog".into(),
             path.display().to_string(),
@@ -180,11 +182,12 @@ async fn serving(addr: std::net::SocketAddr) -> Option<bool> {
 
 async fn wait_health(deployment: &Deployment, want: bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    for service in orderflow_server::service::Service::ALL {
-        while serving(deployment.addr(service)).await != Some(want) {
+    for instance in deployment.instances() {
+        while serving(deployment.addr(instance)).await != Some(want) {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{service} never reported serving={want}"
+                "{} never reported serving={want}",
+                deployment::instance_name(instance)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -201,9 +204,9 @@ async fn a_broker_restart_delays_orders_but_loses_none() {
         .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let driver = {
-        let (addr, stop, namespace) = (deployment.order_addr(), stop.clone(), namespace.clone());
+        let (addr, stop, namespace) = (deployment.order_addrs(), stop.clone(), namespace.clone());
         tokio::spawn(
-            async move { driver::run(addr, plan(40.0, 32, 100_000), &namespace, stop).await },
+            async move { driver::run(&addr, plan(40.0, 32, 100_000), &namespace, stop).await },
         )
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -213,7 +216,7 @@ async fn a_broker_restart_delays_orders_but_loses_none() {
     wait_health(&deployment, false).await;
     // PlaceOrder keeps accepting orders: they are stored, with their event in the outbox.
     let mut client = OrderServiceClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{}", deployment.order_addr()))
+        tonic::transport::Channel::from_shared(format!("http://{}", deployment.order_addrs()[0]))
             .unwrap()
             .connect_lazy(),
     );
@@ -238,14 +241,14 @@ async fn a_broker_restart_delays_orders_but_loses_none() {
     let placed = driver.await.unwrap().unwrap();
 
     assert!(
-        audit::wait_settled(dir.path(), Duration::from_secs(120))
+        audit::wait_settled(&deployment.state(), Duration::from_secs(120))
             .await
             .unwrap(),
         "settles"
     );
     let mut accepted = placed.accepted.clone();
     accepted.push(during.order_id.clone());
-    let report = audit::audit(dir.path(), &accepted, &initial_stock())
+    let report = audit::audit(&deployment.state(), &accepted, &initial_stock())
         .await
         .unwrap();
     println!(

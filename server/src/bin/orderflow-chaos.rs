@@ -51,6 +51,13 @@ struct Args {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp_url: String,
+    /// Keep the services' state in PostgreSQL (schemas `<namespace>_<service>`) instead of
+    /// SQLite files; needed for `--instances` above 1.
+    #[arg(long, env = "ORDERFLOW_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Processes per service.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Keep the data directory (databases and process logs) afterwards.
     #[arg(long)]
     keep: bool,
@@ -71,7 +78,7 @@ const CATALOG: &[(&str, i64, i64)] = &[
 async fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off,sqlx=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -111,7 +118,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             server_bin,
             namespace,
             data_dir: dir.clone(),
-            amqp_url: args.amqp_url,
+            amqp_url: args.amqp_url.clone(),
+            database_url: args.database_url,
+            instances: args.instances,
             args: vec![
                 "--catalog".into(),
                 catalog_path.display().to_string(),

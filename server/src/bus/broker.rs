@@ -135,19 +135,42 @@ impl Broker {
     }
 
     /// Keeps a connection up until `shutdown`, then closes it. Returns only on shutdown.
+    ///
+    /// With several broker URLs (a cluster), each attempt tries the nodes in turn, starting
+    /// after the one last connected to, so losing a node moves the connection to the next.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let nodes = self.inner.url.nodes();
+        let mut next = 0usize;
         let mut failures = 0u32;
         let mut generation = 0u64;
         while !shutdown.is_cancelled() {
-            let attempt = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()) => {
-                    result.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}")))
+            let mut connected = None;
+            let mut last_error = None;
+            for offset in 0..nodes.len() {
+                let index = (next + offset) % nodes.len();
+                let attempt = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(&nodes[index])) => {
+                        result.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}")))
+                    }
+                };
+                match attempt {
+                    Ok(connection) => {
+                        connected = Some((index, connection));
+                        break;
+                    }
+                    Err(error) => {
+                        if nodes.len() > 1 {
+                            warn!(broker.url = %nodes[index], error = %format!("{error:#}"), "Cannot use this RabbitMQ node; trying the next.");
+                        }
+                        last_error = Some(error);
+                    }
                 }
-            };
-            let connection = match attempt {
-                Ok(connection) => connection,
-                Err(error) => {
+            }
+            let (index, connection) = match (connected, last_error) {
+                (Some(connected), _) => connected,
+                (None, None) => break,
+                (None, Some(error)) => {
                     failures += 1;
                     let delay = backoff(failures);
                     warn!(
@@ -164,6 +187,7 @@ impl Broker {
                     }
                 }
             };
+            next = index + 1;
             failures = 0;
             generation += 1;
             let connection = Arc::new(connection);
@@ -173,7 +197,7 @@ impl Broker {
                 generation,
             }));
             info!(
-                broker.url = %self.inner.url,
+                broker.url = %nodes[index],
                 connection = %self.inner.connection_name,
                 generation,
                 "Connected to RabbitMQ; topology ready."
@@ -203,10 +227,8 @@ impl Broker {
         Ok(())
     }
 
-    async fn connect(&self) -> anyhow::Result<Connection> {
-        let mut uri: AMQPUri = self
-            .inner
-            .url
+    async fn connect(&self, node: &AmqpUrl) -> anyhow::Result<Connection> {
+        let mut uri: AMQPUri = node
             .expose()
             .parse()
             .map_err(|e| anyhow::anyhow!("malformed AMQP URL: {e}"))?;

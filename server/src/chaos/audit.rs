@@ -1,11 +1,16 @@
 //! Checking a deployment's final state against every invariant: each accepted order exists and
 //! reached a terminal status, its history has no repeated step, Inventory and Payment agree with
-//! it, and the stock arithmetic is exact. Reads the services' SQLite files directly.
+//! it, and the stock arithmetic is exact. Reads the services' databases directly.
 
-use std::{collections::HashMap, path::Path, time::Duration};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
-use sqlx::{SqlitePool, sqlite::SqliteConnectOptions};
+use sqlx::AnyPool;
+
+use crate::{
+    config::DbSync,
+    db::{Database, Location},
+    service::Service,
+};
 
 /// The outcome of an audit.
 #[derive(Debug, Clone, Default)]
@@ -28,23 +33,41 @@ pub struct Audit {
     pub problems: Vec<String>,
 }
 
-async fn open(data_dir: &Path, service: &str) -> anyhow::Result<SqlitePool> {
-    let options = SqliteConnectOptions::new()
-        .filename(data_dir.join(format!("{service}.db")))
-        .read_only(true)
-        .busy_timeout(Duration::from_secs(10));
-    SqlitePool::connect_with(options)
-        .await
-        .with_context(|| format!("opening {service}.db"))
+/// Where a deployment keeps its state.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// SQLite files in this directory.
+    Files(PathBuf),
+    /// PostgreSQL schemas `<namespace>_<service>` in this database.
+    Postgres {
+        /// `postgres://…`.
+        url: String,
+        /// The deployment's namespace.
+        namespace: String,
+    },
+}
+
+impl State {
+    async fn open(&self, service: Service) -> anyhow::Result<AnyPool> {
+        let location = match self {
+            State::Files(dir) => Location::File(dir),
+            State::Postgres { url, namespace } => Location::Postgres {
+                url,
+                schema: crate::db::schema_name(namespace, service),
+            },
+        };
+        let database = Database::open(&location, DbSync::Normal, service).await?;
+        Ok(database.pool().clone())
+    }
 }
 
 /// Waits until no order is in flight and every outbox is empty, or `timeout` passes.
-pub async fn wait_settled(data_dir: &Path, timeout: Duration) -> anyhow::Result<bool> {
+pub async fn wait_settled(state: &State, timeout: Duration) -> anyhow::Result<bool> {
     let deadline = tokio::time::Instant::now() + timeout;
     let pools = [
-        open(data_dir, "order").await?,
-        open(data_dir, "inventory").await?,
-        open(data_dir, "payment").await?,
+        state.open(Service::Order).await?,
+        state.open(Service::Inventory).await?,
+        state.open(Service::Payment).await?,
     ];
     loop {
         let (in_flight,): (i64,) = sqlx::query_as(
@@ -85,13 +108,13 @@ pub async fn wait_settled(data_dir: &Path, timeout: Duration) -> anyhow::Result<
 
 /// Audits `data_dir` given the order ids clients got back and the stock the catalog started with.
 pub async fn audit(
-    data_dir: &Path,
+    state: &State,
     accepted: &[String],
     initial_stock: &HashMap<String, i64>,
 ) -> anyhow::Result<Audit> {
-    let orders = open(data_dir, "order").await?;
-    let inventory = open(data_dir, "inventory").await?;
-    let payments = open(data_dir, "payment").await?;
+    let orders = state.open(Service::Order).await?;
+    let inventory = state.open(Service::Inventory).await?;
+    let payments = state.open(Service::Payment).await?;
     let mut audit = Audit::default();
 
     let rows: Vec<(String, String, Option<i64>, Option<i64>)> =

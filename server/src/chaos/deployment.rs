@@ -1,10 +1,11 @@
-//! The three services as separate `orderflow-server` processes sharing one namespace and data
-//! directory, each restartable on the same gRPC port so clients reconnect by themselves.
+//! The services as separate `orderflow-server` processes sharing one namespace, one instance
+//! or several of each, on SQLite files in one data directory or on PostgreSQL schemas. Each
+//! process restarts on the same gRPC port, so clients reconnect by themselves.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -15,6 +16,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+use super::audit::State;
 use crate::service::Service;
 
 /// How to run the processes.
@@ -24,79 +26,114 @@ pub struct Settings {
     pub server_bin: PathBuf,
     /// Broker namespace of this deployment.
     pub namespace: String,
-    /// Where the databases and the process logs go.
+    /// Where the SQLite databases (when no `database_url`) and the process logs go.
     pub data_dir: PathBuf,
-    /// RabbitMQ.
+    /// PostgreSQL for the services' state, instead of SQLite files.
+    pub database_url: Option<String>,
+    /// RabbitMQ: one URL, or several (a cluster) separated by commas.
     pub amqp_url: String,
+    /// Processes per service. More than one needs `database_url`.
+    pub instances: usize,
     /// Extra flags for every process (e.g. `--catalog`, `--db-sync`).
     pub args: Vec<String>,
-    /// Extra environment for every process.
+    /// Extra environment for every process (wins over the defaults, e.g. `RUST_LOG`).
     pub env: Vec<(String, String)>,
+}
+
+/// One process: which service, which instance of it.
+pub type Instance = (Service, usize);
+
+/// How logs and reports name an instance: `inventory #1`.
+pub fn instance_name((service, index): Instance) -> String {
+    format!("{service} #{index}")
 }
 
 /// A running deployment.
 #[derive(Debug)]
 pub struct Deployment {
     settings: Settings,
-    ports: BTreeMap<Service, SocketAddr>,
-    processes: BTreeMap<Service, Child>,
+    ports: BTreeMap<Instance, SocketAddr>,
+    processes: BTreeMap<Instance, Child>,
     peak_rss_kib: BTreeMap<Service, u64>,
 }
 
 impl Deployment {
-    /// Starts every service and waits until each is SERVING.
+    /// Starts every instance of every service and waits until each is SERVING.
     pub async fn start(settings: Settings) -> anyhow::Result<Deployment> {
+        anyhow::ensure!(
+            settings.instances == 1 || settings.database_url.is_some(),
+            "several instances of a service share their state through PostgreSQL: set a database URL"
+        );
         std::fs::create_dir_all(settings.data_dir.join("logs"))
             .context("creating the data directory")?;
         let mut ports = BTreeMap::new();
         for service in Service::ALL {
-            ports.insert(service, free_port()?);
+            for index in 0..settings.instances.max(1) {
+                ports.insert((service, index), free_port()?);
+            }
         }
+        let instances: Vec<Instance> = ports.keys().copied().collect();
         let mut deployment = Deployment {
             settings,
             ports,
             processes: BTreeMap::new(),
             peak_rss_kib: BTreeMap::new(),
         };
-        for service in Service::ALL {
-            deployment.start_service(service).await?;
+        for instance in instances {
+            deployment.start_instance(instance).await?;
         }
         Ok(deployment)
     }
 
-    /// Where the order service's gRPC API listens (stable across restarts).
-    pub fn order_addr(&self) -> SocketAddr {
-        self.ports[&Service::Order]
+    /// Where the order service's gRPC APIs listen (stable across restarts).
+    pub fn order_addrs(&self) -> Vec<SocketAddr> {
+        self.ports
+            .iter()
+            .filter(|((s, _), _)| *s == Service::Order)
+            .map(|(_, addr)| *addr)
+            .collect()
     }
 
-    /// Where `service`'s gRPC server (health) listens.
-    pub fn addr(&self, service: Service) -> SocketAddr {
-        self.ports[&service]
+    /// Where an instance's gRPC server (health) listens.
+    pub fn addr(&self, instance: Instance) -> SocketAddr {
+        self.ports[&instance]
     }
 
-    /// The data directory.
-    pub fn data_dir(&self) -> &Path {
-        &self.settings.data_dir
+    /// Every instance.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.ports.keys().copied().collect()
     }
 
-    /// Whether `service` has a running process.
-    pub fn is_running(&self, service: Service) -> bool {
-        self.processes.contains_key(&service)
+    /// Where the services keep their state.
+    pub fn state(&self) -> State {
+        match &self.settings.database_url {
+            Some(url) => State::Postgres {
+                url: url.clone(),
+                namespace: self.settings.namespace.clone(),
+            },
+            None => State::Files(self.settings.data_dir.clone()),
+        }
     }
 
-    /// Starts `service` (again) and waits until it is SERVING.
-    pub async fn start_service(&mut self, service: Service) -> anyhow::Result<()> {
+    /// Where an instance's stderr goes: `<data dir>/logs/<service>-<index>.log`.
+    pub fn log_path(&self, (service, index): Instance) -> PathBuf {
+        self.settings
+            .data_dir
+            .join("logs")
+            .join(format!("{}-{index}.log", service.as_str()))
+    }
+
+    /// Starts an instance (again) and waits until it is SERVING.
+    pub async fn start_instance(&mut self, instance: Instance) -> anyhow::Result<()> {
+        let service = instance.0;
         let s = &self.settings;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(
-                s.data_dir
-                    .join("logs")
-                    .join(format!("{}.log", service.as_str())),
-            )
+            .open(self.log_path(instance))
             .context("opening the process log")?;
-        let child = Command::new(&s.server_bin)
+        let mut command = Command::new(&s.server_bin);
+        command
             .args([
                 "--services",
                 service.as_str(),
@@ -106,36 +143,47 @@ impl Deployment {
                 &s.amqp_url,
             ])
             .arg("--grpc-addr")
-            .arg(self.ports[&service].to_string())
+            .arg(self.ports[&instance].to_string())
             .arg("--data-dir")
-            .arg(&s.data_dir)
+            .arg(&s.data_dir);
+        if let Some(url) = &s.database_url {
+            command.args(["--database-url", url]);
+        }
+        let child = command
             .args(&s.args)
-            .envs(s.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("ORDERFLOW_LOG_FORMAT", "json")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,orderflow_server=info".into()),
             )
+            .envs(s.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", s.server_bin.display()))?;
-        self.processes.insert(service, child);
-        self.wait_serving(service, Duration::from_secs(60)).await
+        self.processes.insert(instance, child);
+        self.wait_serving(instance, Duration::from_secs(60)).await
     }
 
-    async fn wait_serving(&mut self, service: Service, timeout: Duration) -> anyhow::Result<()> {
+    async fn wait_serving(&mut self, instance: Instance, timeout: Duration) -> anyhow::Result<()> {
+        let (service, index) = instance;
         let deadline = Instant::now() + timeout;
-        let url = format!("http://{}", self.ports[&service]);
+        let url = format!("http://{}", self.ports[&instance]);
         loop {
-            if let Some(child) = self.processes.get_mut(&service)
+            if let Some(child) = self.processes.get_mut(&instance)
                 && let Ok(Some(status)) = child.try_wait()
             {
-                self.processes.remove(&service);
+                self.processes.remove(&instance);
+                let log = self.log_path(instance);
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let mut tail: Vec<&str> = text.lines().rev().take(5).collect();
+                tail.reverse();
                 anyhow::bail!(
-                    "{service} exited during start-up ({status}); see its log in the data directory"
+                    "{service} #{index} exited during start-up ({status}); last lines of {}:\n{}",
+                    log.display(),
+                    tail.join("\n")
                 );
             }
             if let Ok(channel) = tonic::transport::Channel::from_shared(url.clone())?
@@ -154,16 +202,16 @@ impl Deployment {
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "{service} not SERVING within {timeout:?}"
+                "{service} #{index} not SERVING within {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// SIGKILL: the process dies mid-work, nothing is flushed.
-    pub async fn kill(&mut self, service: Service) -> anyhow::Result<()> {
+    pub async fn kill(&mut self, instance: Instance) -> anyhow::Result<()> {
         self.sample_memory();
-        if let Some(mut child) = self.processes.remove(&service) {
+        if let Some(mut child) = self.processes.remove(&instance) {
             child.start_kill()?;
             child.wait().await?;
         }
@@ -174,29 +222,37 @@ impl Deployment {
     /// the process exited with 0.
     pub async fn terminate(
         &mut self,
-        service: Service,
+        instance: Instance,
         timeout: Duration,
     ) -> anyhow::Result<(Duration, bool)> {
         self.sample_memory();
-        let Some(mut child) = self.processes.remove(&service) else {
+        let Some(mut child) = self.processes.remove(&instance) else {
             return Ok((Duration::ZERO, true));
         };
         let pid = child.id().context("process already reaped")?;
         let started = Instant::now();
-        signal(pid, "TERM").await?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
         match tokio::time::timeout(timeout, child.wait()).await {
             Ok(status) => Ok((started.elapsed(), status?.success())),
             Err(_) => {
                 child.start_kill()?;
                 child.wait().await?;
-                anyhow::bail!("{service} did not exit within {timeout:?} of SIGTERM")
+                anyhow::bail!(
+                    "{} #{} did not exit within {timeout:?} of SIGTERM",
+                    instance.0,
+                    instance.1
+                )
             }
         }
     }
 
-    /// Records each process's current high-water mark of resident memory.
+    /// Records each process's high-water mark of resident memory (the largest per service).
     pub fn sample_memory(&mut self) {
-        for (service, child) in &self.processes {
+        for ((service, _), child) in &self.processes {
             if let Some(kib) = child.id().and_then(peak_rss_kib) {
                 let peak = self.peak_rss_kib.entry(*service).or_default();
                 *peak = (*peak).max(kib);
@@ -212,20 +268,11 @@ impl Deployment {
 
     /// Stops every process gracefully.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
-        for service in Service::ALL {
-            self.terminate(service, Duration::from_secs(30)).await?;
+        for instance in self.instances() {
+            self.terminate(instance, Duration::from_secs(30)).await?;
         }
         Ok(())
     }
-}
-
-async fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .await?;
-    anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
-    Ok(())
 }
 
 /// `VmHWM` of a process: its peak resident set, in KiB.

@@ -40,16 +40,26 @@ pub struct Placed {
     pub elapsed: std::time::Duration,
 }
 
-/// Places orders per `plan` against `addr` until `stop` fires or the plan is done.
+/// Places orders per `plan`, round-robin over the order-service instances at `addrs`, until
+/// `stop` fires or the plan is done.
 pub async fn run(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     plan: Plan,
     run_id: &str,
     stop: CancellationToken,
 ) -> anyhow::Result<Placed> {
-    // Lazy: the channel reconnects by itself when the order service restarts.
-    let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
-    let client = OrderServiceClient::new(channel);
+    anyhow::ensure!(
+        !addrs.is_empty(),
+        "no order-service instance to send orders to"
+    );
+    // Lazy: each channel reconnects by itself when its instance restarts.
+    let clients = addrs
+        .iter()
+        .map(|addr| {
+            let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
+            Ok(OrderServiceClient::new(channel))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let placed = Arc::new(Mutex::new(Placed::default()));
     let slots = Arc::new(Semaphore::new(plan.in_flight.max(1)));
     let tasks = TaskTracker::new();
@@ -65,7 +75,8 @@ pub async fn run(
             break;
         };
         let request = order(&plan.skus, &format!("{run_id}-{n}"));
-        let (client, placed, give_up) = (client.clone(), placed.clone(), plan.give_up_after);
+        let client = clients[n % clients.len()].clone();
+        let (placed, give_up) = (placed.clone(), plan.give_up_after);
         tasks.spawn(async move {
             let _permit = permit;
             let key = request.idempotency_key.clone().unwrap_or_default();

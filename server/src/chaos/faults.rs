@@ -5,7 +5,6 @@ use std::{fmt, str::FromStr, time::Duration};
 use rand::Rng as _;
 
 use super::{broker, deployment::Deployment};
-use crate::service::Service;
 
 /// One kind of trouble.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +62,9 @@ pub async fn inject(
     deployment: &mut Deployment,
     namespace: &str,
 ) -> anyhow::Result<String> {
-    let service = Service::ALL[rand::rng().random_range(0..Service::ALL.len())];
+    let instances = deployment.instances();
+    let instance = instances[rand::rng().random_range(0..instances.len())];
+    let name = super::deployment::instance_name(instance);
     let pause = Duration::from_millis(rand::rng().random_range(200..2000));
     match fault {
         Fault::CloseConnections => {
@@ -78,23 +79,23 @@ pub async fn inject(
             ))
         }
         Fault::KillService => {
-            deployment.kill(service).await?;
+            deployment.kill(instance).await?;
             tokio::time::sleep(pause).await;
-            deployment.start_service(service).await?;
+            deployment.start_instance(instance).await?;
             Ok(format!(
-                "kill -9 {service}, restarted after {} ms",
+                "kill -9 {name}, restarted after {} ms",
                 pause.as_millis()
             ))
         }
         Fault::StopService => {
             let (took, clean) = deployment
-                .terminate(service, Duration::from_secs(30))
+                .terminate(instance, Duration::from_secs(30))
                 .await?;
-            anyhow::ensure!(clean, "{service} exited non-zero after SIGTERM");
+            anyhow::ensure!(clean, "{name} exited non-zero after SIGTERM");
             tokio::time::sleep(pause).await;
-            deployment.start_service(service).await?;
+            deployment.start_instance(instance).await?;
             Ok(format!(
-                "SIGTERM {service} (stopped in {} ms), restarted",
+                "SIGTERM {name} (stopped in {} ms), restarted",
                 took.as_millis()
             ))
         }
