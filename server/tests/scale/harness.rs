@@ -1,0 +1,270 @@
+//! What the scale tests share: a fresh PostgreSQL database per test, a catalog file, a
+//! deployment of separate processes, and a raw tap on the events exchange.
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use futures_util::StreamExt as _;
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use orderflow_server::chaos::{
+    audit::{self, Audit, State},
+    deployment,
+};
+use sqlx::{Connection as _, Executor as _, PgConnection};
+use tokio::task::JoinHandle;
+
+/// The broker the other tests use: `AMQP_URL` if set, else the local default.
+pub(crate) fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// The PostgreSQL server: `ORDERFLOW_TEST_POSTGRES` if set (any database on it; tests create
+/// their own next to it), else the local one with trust auth.
+fn postgres_server() -> String {
+    std::env::var("ORDERFLOW_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database created for one test and dropped when the test ends, pass or fail.
+pub(crate) struct PgDatabase {
+    /// `postgres://…/<name>`.
+    pub(crate) url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    /// Creates `of_<random>`; fails the test with instructions if PostgreSQL is not there.
+    pub(crate) async fn create() -> PgDatabase {
+        let server = postgres_server();
+        let mut admin = connect_admin(&server).await;
+        let name = format!("of_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .expect("CREATE DATABASE (the test user needs CREATEDB)");
+        let _ = admin.close().await;
+        let base = server
+            .rsplit_once('/')
+            .map_or(server.as_str(), |(base, _)| base);
+        PgDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+async fn connect_admin(server: &str) -> PgConnection {
+    match tokio::time::timeout(Duration::from_secs(10), PgConnection::connect(server)).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(error)) => panic!(
+            "PostgreSQL is not reachable at {server} ({error}). These tests need a real one: \
+             start it (Debian: `service postgresql start`; it must accept the `postgres` user \
+             from 127.0.0.1 without a password) or point ORDERFLOW_TEST_POSTGRES at another."
+        ),
+        Err(_) => panic!("PostgreSQL at {server} did not answer within 10s"),
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        // Drop runs outside any runtime a test could still use: drop the database on a
+        // runtime of its own.
+        let (server, name) = (postgres_server(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let mut admin = PgConnection::connect(&server).await?;
+                admin
+                    .execute(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .await?;
+                Ok::<_, sqlx::Error>(())
+            })?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        })
+        .join();
+    }
+}
+
+/// A catalog entry: SKU, price in cents, stock.
+pub(crate) type Item = (&'static str, i64, i64);
+
+/// Writes `items` as the catalog file the processes load.
+pub(crate) fn write_catalog(dir: &Path, items: &[Item]) -> String {
+    let catalog: Vec<serde_json::Value> = items
+        .iter()
+        .map(|(sku, price, stock)| serde_json::json!({"sku": sku, "name": sku, "price_cents": price, "stock": stock}))
+        .collect();
+    let path = dir.join("catalog.json");
+    std::fs::write(&path, serde_json::to_string(&catalog).unwrap()).unwrap();
+    path.display().to_string()
+}
+
+/// The stock each SKU of `items` starts with.
+pub(crate) fn initial_stock(items: &[Item]) -> HashMap<String, i64> {
+    items
+        .iter()
+        .map(|(sku, _, stock)| ((*sku).to_owned(), *stock))
+        .collect()
+}
+
+/// A fresh broker namespace.
+pub(crate) fn namespace(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Settings for `instances` processes per service: catalog, payment limit, short retries,
+/// and each handled message logged (to tell which instance did the work).
+pub(crate) fn settings(
+    dir: &Path,
+    namespace: &str,
+    amqp_url: String,
+    database_url: Option<String>,
+    instances: usize,
+    items: &[Item],
+) -> deployment::Settings {
+    deployment::Settings {
+        server_bin: env!("CARGO_BIN_EXE_orderflow-server").into(),
+        namespace: namespace.to_owned(),
+        data_dir: dir.to_owned(),
+        amqp_url,
+        database_url,
+        instances,
+        args: vec![
+            "--catalog".into(),
+            write_catalog(dir, items),
+            "--payment-limit-cents".into(),
+            "100000".into(),
+            "--retry-initial-delay".into(),
+            "100ms".into(),
+        ],
+        env: vec![(
+            "RUST_LOG".into(),
+            "warn,orderflow_server=info,orderflow=info".into(),
+        )],
+    }
+}
+
+/// Waits for the deployment to settle, audits it and fails the test on any broken invariant.
+pub(crate) async fn audit_settled(state: &State, accepted: &[String], items: &[Item]) -> Audit {
+    assert!(
+        audit::wait_settled(state, Duration::from_secs(180))
+            .await
+            .expect("audit reads the databases"),
+        "orders still in flight 180 s after the load"
+    );
+    let report = audit::audit(state, accepted, &initial_stock(items))
+        .await
+        .expect("audit reads the databases");
+    println!("{report:?}");
+    assert!(
+        report.problems.is_empty() && report.lost == 0 && report.duplicated == 0,
+        "{report:?}"
+    );
+    report
+}
+
+/// One event as the broker delivered it to the tap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Tapped {
+    pub(crate) message_id: String,
+    pub(crate) message_type: String,
+    pub(crate) order_id: String,
+}
+
+/// A queue bound to every routing key of the namespace's events exchange: sees each
+/// publish the relays made, duplicates included.
+pub(crate) struct Tap {
+    connection: Connection,
+    task: JoinHandle<Vec<Tapped>>,
+}
+
+impl Tap {
+    /// Binds the tap; the exchange must exist (start the deployment first).
+    pub(crate) async fn start(amqp_url: &str, namespace: &str) -> Tap {
+        let connection = Connection::connect(amqp_url, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ reachable (start it with `rabbitmq-server -detached`)");
+        let channel = connection.create_channel().await.unwrap();
+        let queue = format!("{namespace}.tap");
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                format!("{namespace}.events").into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "tap".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let p = &delivery.properties;
+                let text = |v: Option<&lapin::types::ShortString>| {
+                    v.map(|s| s.as_str().to_owned()).unwrap_or_default()
+                };
+                seen.push(Tapped {
+                    message_id: text(p.message_id().as_ref()),
+                    message_type: text(p.kind().as_ref()),
+                    order_id: text(p.correlation_id().as_ref()),
+                });
+            }
+            seen
+        });
+        Tap { connection, task }
+    }
+
+    /// Everything tapped so far; waits `quiet` for stragglers first.
+    pub(crate) async fn finish(self, quiet: Duration) -> Vec<Tapped> {
+        tokio::time::sleep(quiet).await;
+        let _ = self.connection.close(200, "tap done".into()).await;
+        self.task.await.expect("tap task")
+    }
+}
+
+/// Lines of an instance's log that record a handled message.
+pub(crate) fn handled(dir: &Path, instance: deployment::Instance) -> usize {
+    let (service, index) = instance;
+    let log = dir
+        .join("logs")
+        .join(format!("{}-{index}.log", service.as_str()));
+    std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("Handled event."))
+        .count()
+}

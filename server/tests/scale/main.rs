@@ -1,0 +1,12 @@
+//! Scaling out, against the real engines: PostgreSQL on 127.0.0.1:5432 (or
+//! `ORDERFLOW_TEST_POSTGRES`), the RabbitMQ the other tests use, and a three-node RabbitMQ
+//! cluster started by `scripts/rabbitmq-cluster.sh` on ports of its own. Every service runs as
+//! its own `orderflow-server` process, two instances of each where the test says so.
+//!
+//! Each test has its own PostgreSQL database, broker namespace and data directory, so they run
+//! in parallel with each other; the cluster test's nodes do not touch the shared broker.
+
+mod cluster;
+mod harness;
+mod instances;
+mod postgres;
