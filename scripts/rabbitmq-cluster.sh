@@ -102,8 +102,22 @@ start_node() {
         fi
         sleep 0.5
     done
-    ctl "$n" await_startup --timeout 120 >/dev/null
+    await_boot "$n"
     echo "$(node_name "$n") up on 127.0.0.1:$((PORT + n - 1))"
+}
+
+# await_startup answers rabbit_is_not_running when asked before the boot has begun, so it is
+# asked again while the node is alive; a node whose boot failed exits, and its log says why.
+await_boot() {
+    local n=$1 deadline=$((SECONDS + 120))
+    until ctl "$n" await_startup --timeout 120 >/dev/null 2>&1; do
+        if [ "$SECONDS" -ge "$deadline" ] || ! ctl "$n" ping >/dev/null 2>&1; then
+            echo "$(node_name "$n") did not start; the end of its log:" >&2
+            tail -n 20 "$DIR/node-$n/log/"*.log >&2 2>/dev/null || true
+            exit 1
+        fi
+        sleep 1
+    done
 }
 
 stop_node() {
@@ -133,7 +147,7 @@ join() {
     quiet ctl "$n" reset
     quiet ctl "$n" join_cluster "$first"
     quiet ctl "$n" start_app
-    quiet ctl "$n" await_startup --timeout 120
+    await_boot "$n"
     echo "$(node_name "$n") joined $first"
 }
 

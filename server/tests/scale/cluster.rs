@@ -87,8 +87,11 @@ impl Cluster {
             name: format!("oftest{}", &uuid::Uuid::new_v4().simple().to_string()[..6]),
             port: free_base_port(),
         };
-        script.run(&["start"]);
-        Cluster { script, _dir: dir }
+        let cluster = Cluster { script, _dir: dir };
+        // Started only once `cluster` exists, so that a node that fails to start does not
+        // leave the ones that did running: dropping `cluster` deletes them all.
+        cluster.script.run(&["start"]);
+        cluster
     }
 
     fn node(&self, n: usize) -> String {
