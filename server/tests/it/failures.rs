@@ -18,8 +18,9 @@ use orderflow_server::{
 };
 use prost::Message as _;
 
-use crate::helpers::{
-    WAIT, eventually, publish_raw, raw_connection, spawn_app_with, statuses, tap,
+use crate::{
+    helpers::{WAIT, eventually, publish_raw, raw_connection, spawn_app_with, statuses},
+    tap::tap,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

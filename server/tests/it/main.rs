@@ -4,6 +4,8 @@
 //! namespace, data directory and gRPC port, so tests run in parallel without cross-talk.
 
 mod helpers;
+#[path = "../common/tap.rs"]
+mod tap;
 
 mod failures;
 mod observability;

@@ -10,8 +10,9 @@ use orderflow_server::{bus::Topology, fault::parse_rules};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
-    helpers::{WAIT, collector, order_request, raw_connection, spawn_app_with, tap},
+    helpers::{WAIT, collector, order_request, raw_connection, spawn_app_with},
     otlp::{ReceivedSpan, SpanKind},
+    tap::tap,
 };
 
 fn random_hex(bytes: usize) -> String {

@@ -4,10 +4,9 @@
 use std::{collections::HashMap, path::Path, time::Duration};
 
 use futures_util::StreamExt as _;
-use lapin::{
-    Connection, ConnectionProperties,
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
+use lapin::{Connection, ConnectionProperties};
+use orderflow_proto::orderflow::v1::{
+    self as pb, OrderStatus, order_service_client::OrderServiceClient,
 };
 use orderflow_server::chaos::{
     audit::{self, Audit, State},
@@ -15,6 +14,7 @@ use orderflow_server::chaos::{
 };
 use sqlx::{Connection as _, Executor as _, PgConnection};
 use tokio::task::JoinHandle;
+use tonic::transport::Channel;
 
 /// The broker the other tests use: `AMQP_URL` if set, else the local default.
 pub(crate) fn amqp_url() -> String {
@@ -194,42 +194,7 @@ impl Tap {
         let connection = Connection::connect(amqp_url, ConnectionProperties::default())
             .await
             .expect("RabbitMQ reachable (start it with `rabbitmq-server -detached`)");
-        let channel = connection.create_channel().await.unwrap();
-        let queue = format!("{namespace}.tap");
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                format!("{namespace}.events").into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "tap".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let mut consumer = crate::tap::tap(&connection, &format!("{namespace}.events"), "#").await;
         let task = tokio::spawn(async move {
             let mut seen = Vec::new();
             while let Some(Ok(delivery)) = consumer.next().await {
@@ -267,4 +232,30 @@ pub(crate) fn handled(dir: &Path, instance: deployment::Instance) -> usize {
         .lines()
         .filter(|line| line.contains("Handled event."))
         .count()
+}
+
+/// Follows `order_id` from its first version until a terminal status (at most `within`);
+/// returns the versions and statuses seen.
+pub(crate) async fn watch(
+    client: &mut OrderServiceClient<Channel>,
+    order_id: &str,
+    within: Duration,
+) -> Vec<(u64, OrderStatus)> {
+    let mut stream = client
+        .watch_order(pb::WatchOrderRequest {
+            order_id: order_id.into(),
+            resume_after_version: Some(0),
+        })
+        .await
+        .expect("the order is known to this instance")
+        .into_inner();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(update)) = tokio::time::timeout_at(deadline, stream.message())
+        .await
+        .unwrap_or_else(|_| panic!("{order_id} terminal within {within:?}"))
+    {
+        seen.push((update.version, update.status()));
+    }
+    seen
 }

@@ -75,22 +75,7 @@ async fn place_here_watch_there(
         .expect("accepted")
         .into_inner()
         .order_id;
-    let mut stream = watcher
-        .watch_order(pb::WatchOrderRequest {
-            order_id: id.clone(),
-            resume_after_version: Some(0),
-        })
-        .await
-        .expect("the other instance knows the order")
-        .into_inner();
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while let Ok(Some(update)) = tokio::time::timeout_at(deadline, stream.message())
-        .await
-        .expect("terminal within 120 s under load")
-    {
-        seen.push((update.version, update.status()));
-    }
+    let seen = harness::watch(&mut watcher, &id, Duration::from_secs(120)).await;
     (id, seen)
 }
 

@@ -10,3 +10,5 @@ mod cluster;
 mod harness;
 mod instances;
 mod postgres;
+#[path = "../common/tap.rs"]
+mod tap;

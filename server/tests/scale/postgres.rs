@@ -12,6 +12,9 @@ use tonic::transport::Channel;
 
 use crate::harness::{self, Item, PgDatabase};
 
+/// How long one order may take to finish on an idle deployment.
+const WATCH_LIMIT: Duration = Duration::from_secs(30);
+
 const CATALOG: &[Item] = &[
     ("PG-APPLE", 150, 10),
     ("PG-PEAR", 200, 3),
@@ -39,30 +42,6 @@ async fn place(
         .expect("order accepted")
         .into_inner()
         .order_id
-}
-
-/// Follows `order_id` from its first version to a terminal status.
-async fn watch(
-    client: &mut OrderServiceClient<Channel>,
-    order_id: &str,
-) -> Vec<(u64, OrderStatus)> {
-    let mut stream = client
-        .watch_order(pb::WatchOrderRequest {
-            order_id: order_id.into(),
-            resume_after_version: Some(0),
-        })
-        .await
-        .expect("watch starts")
-        .into_inner();
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while let Ok(Some(update)) = tokio::time::timeout_at(deadline, stream.message())
-        .await
-        .expect("terminal within 30 s")
-    {
-        seen.push((update.version, update.status()));
-    }
-    seen
 }
 
 async fn stock(url: &str, namespace: &str) -> Vec<(String, i64)> {
@@ -99,7 +78,7 @@ async fn the_saga_runs_on_postgresql_and_survives_restarts() {
 
     let completed = place(&mut client, "alice", &[("PG-APPLE", 2), ("PG-PEAR", 1)]).await;
     assert_eq!(
-        watch(&mut client, &completed).await,
+        harness::watch(&mut client, &completed, WATCH_LIMIT).await,
         [
             (1, OrderStatus::Pending),
             (2, OrderStatus::InventoryReserved),
@@ -108,12 +87,12 @@ async fn the_saga_runs_on_postgresql_and_survives_restarts() {
     );
     let rejected = place(&mut client, "bob", &[("PG-PEAR", 5)]).await;
     assert_eq!(
-        watch(&mut client, &rejected).await,
+        harness::watch(&mut client, &rejected, WATCH_LIMIT).await,
         [(1, OrderStatus::Pending), (2, OrderStatus::Rejected)]
     );
     let declined = place(&mut client, "carol", &[("PG-GOLD", 1)]).await;
     assert_eq!(
-        watch(&mut client, &declined).await,
+        harness::watch(&mut client, &declined, WATCH_LIMIT).await,
         [
             (1, OrderStatus::Pending),
             (2, OrderStatus::InventoryReserved),
@@ -136,7 +115,10 @@ async fn the_saga_runs_on_postgresql_and_survives_restarts() {
     }
     let after = place(&mut client, "dave", &[("PG-APPLE", 1)]).await;
     assert_eq!(
-        watch(&mut client, &after).await.last().map(|(_, s)| *s),
+        harness::watch(&mut client, &after, WATCH_LIMIT)
+            .await
+            .last()
+            .map(|(_, s)| *s),
         Some(OrderStatus::Completed)
     );
     let order = client
