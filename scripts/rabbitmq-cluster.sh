@@ -112,8 +112,9 @@ await_boot() {
     local n=$1 deadline=$((SECONDS + 120))
     until ctl "$n" await_startup --timeout 120 >/dev/null 2>&1; do
         if [ "$SECONDS" -ge "$deadline" ] || ! ctl "$n" ping >/dev/null 2>&1; then
-            echo "$(node_name "$n") did not start; the end of its log:" >&2
-            tail -n 20 "$DIR/node-$n/log/"*.log >&2 2>/dev/null || true
+            echo "$(node_name "$n") did not start; errors in its log:" >&2
+            grep -h -E "\[(error|critical)\]|eaddrinuse" "$DIR/node-$n/log/"*.log 2>/dev/null |
+                tail -n 20 >&2 || true
             exit 1
         fi
         sleep 1

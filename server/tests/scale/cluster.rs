@@ -152,11 +152,22 @@ impl Drop for Cluster {
     }
 }
 
-/// A base port whose three AMQP, management and distribution ports are all free.
+/// A base port whose three AMQP, management and distribution ports are all free. They are
+/// taken from below the kernel's ephemeral range: a port found free there can be handed to
+/// another test's outgoing connection before the node binds it, and the node then fails to boot.
 fn free_base_port() -> u16 {
     use rand::Rng as _;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let highest = ephemeral_low.saturating_sub(20_003);
+    assert!(
+        highest > 10_000,
+        "the ephemeral port range starts at {ephemeral_low}: no room below it for the cluster"
+    );
     for _ in 0..100 {
-        let base = rand::rng().random_range(30_000..45_000);
+        let base = rand::rng().random_range(10_000..highest);
         let free = (0..3).all(|n| {
             [base, base + 10_000, base + 20_000]
                 .iter()
