@@ -5,52 +5,22 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable},
 };
 use orderflow_proto::orderflow::v1 as pb;
 use prost::Message as _;
 
-use crate::helpers::{WAIT, raw_connection, spawn_app};
+use crate::{
+    helpers::{WAIT, raw_connection, spawn_app},
+    tap::tap,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_protobuf_with_the_contract_properties() {
     let app = spawn_app().await;
     let conn = raw_connection().await;
-    let channel = conn.create_channel().await.unwrap();
-    // A private tap on the events exchange: sees every event of this namespace.
-    let tap = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let events = format!("{}.events", app.namespace);
-    channel
-        .queue_bind(
-            tap.name().clone(),
-            events.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            tap.name().clone(),
-            "tap".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = tap(&conn, &format!("{}.events", app.namespace), "#").await;
 
     let placed = app.place("alice", &[("KB-001", 2)]).await;
     let mut seen = Vec::new();
@@ -60,7 +30,6 @@ async fn events_are_protobuf_with_the_contract_properties() {
             .expect("event in time")
             .unwrap()
             .unwrap();
-        delivery.ack(BasicAckOptions::default()).await.unwrap();
         let p = &delivery.properties;
         assert_eq!(
             p.content_type().as_ref().unwrap().as_str(),
