@@ -202,13 +202,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<Report> {
 }
 
 /// Deletes every queue and exchange of `namespace` (best effort), through the first node of
-/// `amqp_url` that answers.
+/// `amqp_url` that answers within 5 s.
 pub async fn delete_namespace(amqp_url: &str, namespace: &str) {
     let topology = crate::bus::Topology::new(namespace, 20, 1);
     for node in amqp_url.split(',').map(str::trim) {
-        if let Ok(conn) =
-            lapin::Connection::connect(node, lapin::ConnectionProperties::default()).await
-        {
+        let connect = lapin::Connection::connect(node, lapin::ConnectionProperties::default());
+        if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await {
             if let Ok(channel) = conn.create_channel().await {
                 let _ = topology.delete(&channel).await;
             }
@@ -216,4 +215,17 @@ pub async fn delete_namespace(amqp_url: &str, namespace: &str) {
             return;
         }
     }
+}
+
+/// [`delete_namespace`] from synchronous code such as a `Drop`: on a thread with a runtime of
+/// its own, since the caller may be on (or dropping) an async runtime that cannot be blocked.
+pub fn delete_namespace_blocking(amqp_url: &str, namespace: &str) {
+    let (amqp_url, namespace) = (amqp_url.to_owned(), namespace.to_owned());
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|runtime| runtime.block_on(delete_namespace(&amqp_url, &namespace)))
+    })
+    .join();
 }

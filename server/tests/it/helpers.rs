@@ -361,28 +361,7 @@ impl Drop for TestApp {
             return;
         }
         // Delete this test's queues and exchanges so repeated runs leave the broker clean.
-        // Drop cannot await, so a helper thread with its own runtime does it.
-        let topology = self.topology();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                if let Ok(Ok(conn)) = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    Connection::connect(&amqp_url(), ConnectionProperties::default()),
-                )
-                .await
-                {
-                    if let Ok(channel) = conn.create_channel().await {
-                        let _ = topology.delete(&channel).await;
-                    }
-                    let _ = conn.close(200, "cleanup".into()).await;
-                }
-            });
-        })
-        .join();
+        orderflow_server::chaos::delete_namespace_blocking(&amqp_url(), &self.namespace);
     }
 }
 

@@ -13,7 +13,6 @@ use std::{
 use orderflow_proto::orderflow::v1::{
     self as pb, OrderStatus, order_service_client::OrderServiceClient,
 };
-use orderflow_server::bus::Topology;
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
     process::{Child, Command},
@@ -171,23 +170,7 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
-        let topology = Topology::new(self.namespace.clone(), 4, 20);
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await
-                {
-                    if let Ok(channel) = conn.create_channel().await {
-                        let _ = topology.delete(&channel).await;
-                    }
-                    let _ = conn.close(200, "cleanup".into()).await;
-                }
-            });
-        })
-        .join();
+        orderflow_server::chaos::delete_namespace_blocking(&amqp_url(), &self.namespace);
     }
 }
 
