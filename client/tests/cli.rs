@@ -5,7 +5,7 @@
 use std::{process::Command, time::Duration};
 
 use clap::Parser as _;
-use orderflow_server::{app::App, bus::Topology, config::Config};
+use orderflow_server::{app::App, config::Config};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -19,23 +19,7 @@ struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown.cancel();
-        let topology = Topology::new(self.namespace.clone(), 4, 20);
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await
-                {
-                    if let Ok(channel) = conn.create_channel().await {
-                        let _ = topology.delete(&channel).await;
-                    }
-                    let _ = conn.close(200, "cleanup".into()).await;
-                }
-            });
-        })
-        .join();
+        orderflow_server::chaos::delete_namespace_blocking(&amqp_url(), &self.namespace);
     }
 }
 
@@ -43,7 +27,8 @@ fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
-async fn server(extra: &[&str]) -> Server {
+/// A server with its own namespace and data directory, `extra` flags added; not yet ready.
+async fn start_server(extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let namespace = format!("cli-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let data = dir.path().to_str().unwrap().to_owned();
@@ -66,12 +51,17 @@ async fn server(extra: &[&str]) -> Server {
     let addr = app.grpc_addr();
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run(shutdown.clone()));
-    let server = Server {
+    Server {
         addr,
         namespace,
         shutdown,
         _dir: dir,
-    };
+    }
+}
+
+/// A plaintext server, ready.
+async fn server(extra: &[&str]) -> Server {
+    let server = start_server(extra).await;
     // `orderflow health` is how a user waits for readiness.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !cli(&server, &[], &["health"]).status.success() {
@@ -243,40 +233,15 @@ async fn tls_and_tokens_from_the_command_line() {
     )
     .unwrap();
     let (cert_path, key_path, tokens) = (path("cert.pem"), path("key.pem"), path("tokens.json"));
-    let server = {
-        let dir = tempfile::tempdir().unwrap();
-        let namespace = format!("cli-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let data = dir.path().to_str().unwrap().to_owned();
-        let url = amqp_url();
-        let config = Config::try_parse_from([
-            "orderflow-server",
-            "--namespace",
-            &namespace,
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data,
-            "--amqp-url",
-            &url,
-            "--tls-cert",
-            &cert_path,
-            "--tls-key",
-            &key_path,
-            "--auth-tokens",
-            &tokens,
-        ])
-        .unwrap();
-        let app = App::build(config).await.unwrap();
-        let addr = app.grpc_addr();
-        let shutdown = CancellationToken::new();
-        tokio::spawn(app.run(shutdown.clone()));
-        Server {
-            addr,
-            namespace,
-            shutdown,
-            _dir: dir,
-        }
-    };
+    let server = start_server(&[
+        "--tls-cert",
+        &cert_path,
+        "--tls-key",
+        &key_path,
+        "--auth-tokens",
+        &tokens,
+    ])
+    .await;
     let https = format!("https://localhost:{}", server.addr.port());
     let ca_path = path("ca.pem");
     let secure = |token: &str, args: &[&str]| {
