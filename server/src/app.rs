@@ -19,7 +19,6 @@ use crate::{
     api::{self, DeadLetterApi, OrderApi, Security, auth::Tokens},
     bus::{
         Broker, Consumer, ConsumerSettings, Publisher, RetryPolicy, Topology,
-        dead_letters::DeadLetterQueues,
         topology::{Declare, QueueNames, Source},
     },
     config::{Config, DeclareTopology},
@@ -30,6 +29,7 @@ use crate::{
     metrics::{self, Metrics},
     order::{
         self,
+        dead_letters::DeadLetterStore,
         handler::{DeadLetterHandler, SagaHandler},
         watch::Hub,
     },
@@ -153,7 +153,10 @@ impl App {
                     for queue in topology.queues_of(service) {
                         let intake = stages.intake.clone();
                         if queue.subscription.source == Source::DeadLetters {
-                            let handler = DeadLetterHandler::new(hub.clone(), metrics.clone());
+                            let work_queues =
+                                topology.all_queues().into_iter().map(|q| q.work).collect();
+                            let handler =
+                                DeadLetterHandler::new(hub.clone(), metrics.clone(), work_queues);
                             let consumer =
                                 wiring.consumer(queue, handler, Some(DeadLetterHandler::dedup_key));
                             stages.intake_tasks.spawn(consumer.run(intake));
@@ -183,9 +186,10 @@ impl App {
                         config.max_watch_streams,
                         metrics.clone(),
                     ));
-                    let queues = DeadLetterQueues::new(wiring.broker.clone());
-                    metrics.probe(dead_letter_depths(queues.clone(), topology.clone()));
-                    dead_letter_api = Some(DeadLetterApi::new(queues, topology.clone()));
+                    let store =
+                        DeadLetterStore::new(wiring.database.clone(), wiring.outbox.clone());
+                    metrics.probe(dead_letter_depths(store.clone()));
+                    dead_letter_api = Some(DeadLetterApi::new(store, topology.clone()));
                 }
                 Service::Inventory => {
                     let added = catalog::seed(&wiring.database, &catalog)
@@ -424,12 +428,19 @@ impl Wiring {
         if let Some(key) = dedup_key {
             inbox = inbox.with_dedup_key(key);
         }
+        // The size limit spares handlers from decoding absurd bodies. The dead-letter intake
+        // decodes nothing, and refusing a dead letter would push it out of the store: it takes
+        // whatever the broker delivered.
+        let max_message_bytes = match queue.subscription.source {
+            Source::DeadLetters => usize::MAX,
+            Source::Events => self.max_message_bytes,
+        };
         let settings = ConsumerSettings {
             queue,
             service: self.service,
             policy: self.policy,
             prefetch: self.prefetch,
-            max_message_bytes: self.max_message_bytes,
+            max_message_bytes,
         };
         Consumer::new(
             self.broker.clone(),
@@ -477,23 +488,25 @@ fn connected(service: Service, broker: Broker) -> metrics::Probe {
     })
 }
 
-/// Messages in each dead-letter queue, read from the broker at scrape time.
-fn dead_letter_depths(queues: DeadLetterQueues, topology: Topology) -> metrics::Probe {
+/// Dead letters kept per source, read from the store at scrape time.
+fn dead_letter_depths(store: DeadLetterStore) -> metrics::Probe {
     Box::new(move || {
-        let (queues, topology) = (queues.clone(), topology.clone());
+        let store = store.clone();
         Box::pin(async move {
-            let mut rows = Vec::new();
-            for names in topology.all_queues() {
-                if let Ok(depth) = queues.depth(&names.dlq).await {
-                    rows.push((
+            let Ok(depths) = store.depths().await else {
+                return vec![];
+            };
+            depths
+                .into_iter()
+                .map(|(source, depth)| {
+                    (
                         "orderflow_dlq_depth",
-                        "Messages in a dead-letter queue.",
-                        vec![("queue", names.dlq)],
+                        "Dead letters kept, per work queue (or outbox) they failed in.",
+                        vec![("queue", format!("{source}.dlq"))],
                         depth as f64,
-                    ));
-                }
-            }
-            rows
+                    )
+                })
+                .collect()
         })
     })
 }

@@ -4,7 +4,7 @@
 //! - [`Broker`]: the supervised, self-healing connection;
 //! - [`Publisher`]: confirmed, mandatory publishing;
 //! - [`Consumer`]: the consume loop and the one place deliveries are settled;
-//! - [`dead_letters`]: inspecting, replaying and purging dead-letter queues;
+//! - [`dead_letters`]: what a dead letter is, read from the intake, and how it is replayed;
 //! - [`propagation`]: trace context in message headers.
 //!
 //! Services see only [`Event`]s, [`Incoming`] messages and [`HandleError`]s.

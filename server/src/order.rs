@@ -4,9 +4,11 @@
 //! - [`status`]: the state machine;
 //! - [`store`]: orders in SQLite;
 //! - [`handler`]: reactions to saga events and to dead letters;
+//! - [`dead_letters`]: the namespace's dead letters, kept for people to browse and replay;
 //! - [`placement`]: group commit of new orders;
 //! - [`watch`]: wake-ups for `WatchOrder` streams, across processes.
 
+pub mod dead_letters;
 pub mod handler;
 pub mod placement;
 pub mod status;

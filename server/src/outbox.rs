@@ -18,6 +18,27 @@ use crate::{
     time,
 };
 
+/// A message staged with [`Outbox::stage_forward`].
+#[derive(Debug, Clone, Copy)]
+pub struct Forward<'a> {
+    /// Target exchange (`""` for the default exchange, straight to a queue).
+    pub exchange: &'a str,
+    /// Routing key (a queue name, through the default exchange).
+    pub routing_key: &'a str,
+    /// Its message id, kept so consumers still recognise it.
+    pub message_id: &'a str,
+    /// The AMQP `type`.
+    pub message_type: &'a str,
+    /// The order id.
+    pub correlation_id: &'a str,
+    /// Untouched body.
+    pub body: &'a [u8],
+    /// AMQP properties as JSON (see `bus::dead_letters`).
+    pub properties: &'a str,
+    /// Trace context the publish span continues (JSON object).
+    pub trace_context: &'a str,
+}
+
 /// A service's outbox: where it stages events, and the bell that wakes its relay.
 #[derive(Clone, Debug)]
 pub struct Outbox {
@@ -82,6 +103,32 @@ impl Outbox {
         .execute(conn)
         .await?;
         Ok(message_id)
+    }
+
+    /// Stages a message that is not one of this service's events, such as a replayed dead
+    /// letter, to be published as it is. Returns `false` when a row with its message id is
+    /// already waiting: the message is on its way.
+    pub async fn stage_forward(
+        &self,
+        conn: &mut AnyConnection,
+        message: &Forward<'_>,
+    ) -> sqlx::Result<bool> {
+        let staged = sqlx::query(
+            "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at, exchange, properties)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(message.message_id)
+        .bind(message.routing_key)
+        .bind(message.message_type)
+        .bind(message.correlation_id)
+        .bind(message.body)
+        .bind(message.trace_context)
+        .bind(time::now_micros())
+        .bind(message.exchange)
+        .bind(message.properties)
+        .execute(conn)
+        .await?;
+        Ok(staged.rows_affected() == 1)
     }
 
     /// Wakes the relay after a commit that staged events. A wake with nobody waiting is kept,

@@ -1,293 +1,143 @@
-//! Broker-side operations on dead-letter queues: peek, replay, purge. Dead letters stay in
-//! RabbitMQ (visible in the management UI); these operations take messages with `basic.get`
-//! on a private channel, so two operators never get the same message, and settle each one only
-//! after its replay was confirmed by the work queue. Messages not selected are held unacked and
-//! go back to the queue when the channel closes.
+//! What a dead letter is, apart from where it is kept. [`Parked::read`] turns a delivery from
+//! the dead-letter intake into plain fields (no lapin type leaves `bus`), whoever dead-lettered
+//! it: a consumer after its retries, the broker's delivery limit, or a relay that could not
+//! route an outbox row. [`replay_properties`] gives a stored dead letter back the properties it
+//! travels with when it is replayed.
+//!
+//! Dead letters are browsed from a store, never from a queue: on RabbitMQ 4 every message a
+//! browse hands back to a quorum queue counts towards its delivery limit, so a queue that is
+//! read without being consumed loses its messages.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 
 use lapin::{
-    Channel,
-    options::{
-        BasicAckOptions, BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions,
-        QueuePurgeOptions,
-    },
-    types::{FieldTable, ShortString},
+    BasicProperties,
+    types::{AMQPValue, FieldTable},
 };
 
 use super::{
-    Broker, Outgoing, PublishError,
-    message::{republishable, text},
+    Incoming,
+    message::{as_u64, header_str, republishable, text},
     topology::header,
 };
 
-/// Most messages one operation scans, so finding a message in a huge queue stays bounded.
-pub const MAX_SCAN: u64 = 10_000;
-
-/// Why a dead-letter operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Not connected to the broker right now.
-    #[error("not connected to RabbitMQ")]
-    Disconnected,
-    /// The broker refused an operation (e.g. the queue does not exist).
-    #[error(transparent)]
-    Amqp(#[from] lapin::Error),
-    /// A replay's publish was not confirmed; the message stays in the dead-letter queue.
-    #[error("replay was not confirmed: {0}")]
-    Publish(#[from] PublishError),
-}
-
-/// One message as it sits in a dead-letter queue.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    /// The producer's message id.
-    pub message_id: Option<String>,
+/// One dead letter, as read from the intake.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parked {
+    /// The queue (or outbox, `<ns>.<service>.outbox`) the message failed in.
+    pub source: String,
+    /// The producer's message id (empty when it had none).
+    pub message_id: String,
     /// The AMQP `type` property.
-    pub kind: Option<String>,
-    /// The AMQP `correlation_id` (order id).
-    pub correlation_id: Option<String>,
+    pub kind: String,
+    /// The AMQP `correlation_id`: the order id.
+    pub correlation_id: String,
     /// Untouched body.
     pub body: Vec<u8>,
-    /// All headers.
-    pub headers: FieldTable,
+    /// Every AMQP property worth keeping, headers included, as JSON: what a replay restores.
+    pub properties: String,
+    /// Every header as text, for people.
+    pub headers: BTreeMap<String, String>,
+    /// `permanent-error`, `max-attempts`, `unroutable`, or the broker's (`delivery_limit`).
+    pub reason: String,
+    /// The last error, when orderflow dead-lettered it.
+    pub last_error: String,
+    /// Deliveries or publishes tried.
+    pub attempts: u32,
+    /// The service that gave up on it.
+    pub failing_service: String,
+    /// Where it was first published.
+    pub original_exchange: String,
+    /// With which routing key.
+    pub original_routing_key: String,
+    /// When it first failed (µs since the epoch).
+    pub first_failure_at: Option<i64>,
+    /// When it last failed (µs since the epoch).
+    pub last_failure_at: Option<i64>,
+    /// Where a replay sends it: the exchange…
+    pub replay_exchange: String,
+    /// …and routing key.
+    pub replay_routing_key: String,
 }
 
-/// Which messages an operation applies to.
-#[derive(Debug, Clone)]
-pub enum Selection {
-    /// Every message in the queue.
-    All,
-    /// Only these message ids.
-    Ids(HashSet<String>),
-}
-
-impl Selection {
-    fn selects(&self, id: Option<&str>) -> bool {
-        match self {
-            Selection::All => true,
-            Selection::Ids(ids) => id.is_some_and(|id| ids.contains(id)),
-        }
-    }
-
-    fn not_found(&self, seen: &HashSet<String>) -> Vec<String> {
-        match self {
-            Selection::All => Vec::new(),
-            Selection::Ids(ids) => {
-                let mut missing: Vec<String> = ids.difference(seen).cloned().collect();
-                missing.sort();
-                missing
-            }
-        }
-    }
-}
-
-/// Dead-letter queue operations over a service's broker connection.
-#[derive(Debug, Clone)]
-pub struct DeadLetterQueues {
-    broker: Broker,
-}
-
-impl DeadLetterQueues {
-    /// Operations over `broker`'s connection.
-    pub fn new(broker: Broker) -> Self {
-        DeadLetterQueues { broker }
-    }
-
-    async fn channel(&self) -> Result<Channel, Error> {
-        let link = self.broker.current().ok_or(Error::Disconnected)?;
-        Ok(link.channel().await?)
-    }
-
-    /// Messages in `queue`.
-    pub async fn depth(&self, queue: &str) -> Result<u64, Error> {
-        let channel = self.channel().await?;
-        let depth = depth(&channel, queue).await;
-        let _ = channel.close(200, "done".into()).await;
-        depth
-    }
-
-    /// Up to `limit` messages from the head of `queue`, left in place.
-    pub async fn peek(&self, queue: &str, limit: u64) -> Result<Vec<Stored>, Error> {
-        let channel = self.channel().await?;
-        let mut found = Vec::new();
-        while (found.len() as u64) < limit {
-            match channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-                .await?
-            {
-                Some(message) => found.push(stored(&message.delivery)),
-                None => break,
-            }
-        }
-        // Closing the channel returns every message taken above to the queue.
-        let _ = channel.close(200, "peeked".into()).await;
-        Ok(found)
-    }
-
-    /// Sends the selected messages of `queue` back to `work_queue` with a fresh attempt count.
-    /// Returns the replayed messages and the requested ids that were not found.
-    pub async fn replay(
-        &self,
-        queue: &str,
-        work_queue: &str,
-        selection: &Selection,
-    ) -> Result<(Vec<Stored>, Vec<String>), Error> {
-        let channel = self.channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let mut scan = Scan::start(&channel, queue, selection).await?;
-        let mut replayed = Vec::new();
-        while let Some(delivery) = scan.next().await? {
-            let outgoing = Outgoing {
-                exchange: String::new(),
-                routing_key: work_queue.to_owned(),
-                properties: republishable(&delivery.properties)
-                    .with_headers(fresh_headers(&delivery.properties)),
-                body: delivery.data.clone(),
+impl Parked {
+    /// Reads a delivery of the dead-letter intake. `is_work_queue` tells the namespace's work
+    /// queues apart: a message that failed in one is replayed straight into it; anything else
+    /// (an outbox row nobody could route) goes back to where it was first published.
+    pub fn read(message: &Incoming, is_work_queue: impl Fn(&str) -> bool) -> Parked {
+        let properties = &message.delivery.properties;
+        let empty = FieldTable::default();
+        let headers = properties.headers().as_ref().unwrap_or(&empty);
+        let own = |key: &str| header_str(headers, key).unwrap_or_default().to_owned();
+        let broker = |key: &str| {
+            header_str(headers, &format!("x-first-death-{key}"))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let or = |a: String, b: String| if a.is_empty() { b } else { a };
+        // The broker names the queue it dead-lettered from; the routing key it used is the
+        // work queue's name (its `x-dead-letter-routing-key`).
+        let source = or(
+            or(own(header::QUEUE), broker("queue")),
+            message.routing_key().to_owned(),
+        );
+        let original_exchange = or(own(header::ORIGINAL_EXCHANGE), broker("exchange"));
+        let original_routing_key = own(header::ORIGINAL_ROUTING_KEY);
+        let death_time = death_time(headers);
+        let (replay_exchange, replay_routing_key) =
+            if is_work_queue(&source) || original_routing_key.is_empty() {
+                (String::new(), source.clone())
+            } else {
+                (original_exchange.clone(), original_routing_key.clone())
             };
-            publish_confirmed(&channel, &outgoing).await?;
-            // Only now is the dead letter settled: a crash before this line leaves it in the
-            // queue, and a second replay is then absorbed by the consumer's inbox.
-            delivery.acker.ack(BasicAckOptions::default()).await?;
-            replayed.push(stored(&delivery));
+        Parked {
+            message_id: message.message_id().unwrap_or_default().to_owned(),
+            kind: message.kind().unwrap_or_default().to_owned(),
+            correlation_id: message.correlation_id().unwrap_or_default().to_owned(),
+            body: message.body().to_vec(),
+            properties: serde_json::to_string(&republishable(properties))
+                .unwrap_or_else(|_| "{}".to_owned()),
+            headers: headers
+                .inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), display(v)))
+                .collect(),
+            reason: or(own(header::DEAD_LETTER_REASON), broker("reason")),
+            last_error: own(header::LAST_ERROR),
+            attempts: headers
+                .inner()
+                .get(header::ATTEMPT)
+                .or_else(|| headers.inner().get("x-delivery-count"))
+                .and_then(as_u64)
+                .unwrap_or(1)
+                .min(u64::from(u32::MAX)) as u32,
+            failing_service: own(header::FAILING_SERVICE),
+            first_failure_at: micros(&own(header::FIRST_FAILURE_AT)).or(death_time),
+            last_failure_at: micros(&own(header::LAST_FAILURE_AT)).or(death_time),
+            source,
+            original_exchange,
+            original_routing_key,
+            replay_exchange,
+            replay_routing_key,
         }
-        let not_found = scan.not_found();
-        let _ = channel.close(200, "replayed".into()).await;
-        Ok((replayed, not_found))
-    }
-
-    /// Deletes the selected messages of `queue`; returns how many, and the ids not found.
-    pub async fn purge(
-        &self,
-        queue: &str,
-        selection: &Selection,
-    ) -> Result<(u64, Vec<String>), Error> {
-        let channel = self.channel().await?;
-        if let Selection::All = selection {
-            let purged = channel
-                .queue_purge(queue.into(), QueuePurgeOptions::default())
-                .await?;
-            let _ = channel.close(200, "purged".into()).await;
-            return Ok((u64::from(purged), Vec::new()));
-        }
-        let mut scan = Scan::start(&channel, queue, selection).await?;
-        let mut purged = 0;
-        while let Some(delivery) = scan.next().await? {
-            delivery.acker.ack(BasicAckOptions::default()).await?;
-            purged += 1;
-        }
-        let not_found = scan.not_found();
-        let _ = channel.close(200, "purged".into()).await;
-        Ok((purged, not_found))
     }
 }
 
-/// Takes the messages of a queue one by one with `basic.get` on a private channel and yields
-/// the selected ones. The others stay unacknowledged, held by this channel until it closes,
-/// so nobody else takes them meanwhile and none is seen twice. Bounded by [`MAX_SCAN`] and by
-/// the depth at the start (messages arriving later are left for the next operation).
-struct Scan<'a> {
-    channel: &'a Channel,
-    queue: &'a str,
-    selection: &'a Selection,
-    left: u64,
-    seen: HashSet<String>,
+/// The properties a replayed message travels with, from a dead letter's stored ones: the
+/// failure bookkeeping is reset (a fresh attempt count, no stale first-failure time), the
+/// trace context and original route are kept, and the replay itself is recorded.
+pub fn replay_properties(stored: &str) -> serde_json::Result<String> {
+    let properties: BasicProperties = serde_json::from_str(stored)?;
+    let properties = republishable(&properties).with_headers(fresh_headers(&properties));
+    serde_json::to_string(&properties)
 }
 
-impl<'a> Scan<'a> {
-    async fn start(
-        channel: &'a Channel,
-        queue: &'a str,
-        selection: &'a Selection,
-    ) -> Result<Scan<'a>, Error> {
-        let left = depth(channel, queue).await?.min(MAX_SCAN);
-        Ok(Scan {
-            channel,
-            queue,
-            selection,
-            left,
-            seen: HashSet::new(),
-        })
-    }
-
-    async fn next(&mut self) -> Result<Option<lapin::message::Delivery>, Error> {
-        while self.left > 0 {
-            self.left -= 1;
-            let options = BasicGetOptions { no_ack: false };
-            let Some(message) = self.channel.basic_get(self.queue.into(), options).await? else {
-                return Ok(None);
-            };
-            let id = message
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_owned());
-            if self.selection.selects(id.as_deref()) {
-                self.seen.extend(id);
-                return Ok(Some(message.delivery));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Requested ids the scan did not meet.
-    fn not_found(&self) -> Vec<String> {
-        self.selection.not_found(&self.seen)
-    }
+/// Properties stored by [`replay_properties`] or [`Parked::read`], ready to publish.
+pub fn stored_properties(stored: &str) -> serde_json::Result<BasicProperties> {
+    serde_json::from_str(stored)
 }
 
-async fn depth(channel: &Channel, queue: &str) -> Result<u64, Error> {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let declared = channel
-        .queue_declare(ShortString::from(queue), passive, FieldTable::default())
-        .await?;
-    Ok(u64::from(declared.message_count()))
-}
-
-async fn publish_confirmed(channel: &Channel, message: &Outgoing) -> Result<(), Error> {
-    let confirm = channel
-        .basic_publish(
-            message.exchange.as_str().into(),
-            message.routing_key.as_str().into(),
-            lapin::options::BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &message.body,
-            message.properties.clone(),
-        )
-        .await?
-        .await?;
-    match confirm {
-        lapin::Confirmation::Ack(None) => Ok(()),
-        lapin::Confirmation::Ack(Some(returned)) | lapin::Confirmation::Nack(Some(returned)) => {
-            Err(PublishError::Unroutable(returned.reply_text.to_string()).into())
-        }
-        _ => Err(PublishError::Nacked.into()),
-    }
-}
-
-fn stored(delivery: &lapin::message::Delivery) -> Stored {
-    let p = &delivery.properties;
-    Stored {
-        message_id: p.message_id().as_ref().map(|s| s.as_str().to_owned()),
-        kind: p.kind().as_ref().map(|s| s.as_str().to_owned()),
-        correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
-        body: delivery.data.clone(),
-        headers: p.headers().clone().unwrap_or_default(),
-    }
-}
-
-/// The headers a replayed message travels with: the failure bookkeeping is reset (a fresh
-/// attempt count, no stale first-failure time), the trace context and original route are kept,
-/// and the replay itself is recorded.
-fn fresh_headers(properties: &lapin::BasicProperties) -> FieldTable {
+fn fresh_headers(properties: &BasicProperties) -> FieldTable {
     let reset = [
         header::ATTEMPT,
         header::LAST_ERROR,
@@ -303,7 +153,7 @@ fn fresh_headers(properties: &lapin::BasicProperties) -> FieldTable {
         .headers()
         .as_ref()
         .and_then(|h| h.inner().get(header::REPLAYS))
-        .and_then(super::message::as_u64)
+        .and_then(as_u64)
         .unwrap_or(0);
     if let Some(original) = properties.headers() {
         for (key, value) in original.inner() {
@@ -318,7 +168,7 @@ fn fresh_headers(properties: &lapin::BasicProperties) -> FieldTable {
     }
     headers.insert(
         header::REPLAYS.into(),
-        lapin::types::AMQPValue::LongLongInt(replays as i64 + 1),
+        AMQPValue::LongLongInt(replays as i64 + 1),
     );
     headers.insert(
         header::REPLAYED_AT.into(),
@@ -327,10 +177,54 @@ fn fresh_headers(properties: &lapin::BasicProperties) -> FieldTable {
     headers
 }
 
+/// RFC 3339 text as µs since the epoch.
+fn micros(text: &str) -> Option<i64> {
+    let t = crate::time::parse_rfc3339(text)?;
+    Some(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000)
+}
+
+/// When the broker dead-lettered it (`x-death[0].time`), for messages it dead-lettered itself.
+fn death_time(headers: &FieldTable) -> Option<i64> {
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let secs = first.inner().get("time").and_then(as_u64)?;
+    Some(secs as i64 * 1_000_000)
+}
+
+/// A header value as text.
+fn display(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::FieldArray(items) => format!(
+            "[{}]",
+            items
+                .as_slice()
+                .iter()
+                .map(display)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        AMQPValue::FieldTable(table) => format!(
+            "{{{}}}",
+            table
+                .inner()
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", display(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => as_u64(other).map_or_else(|| format!("{other:?}"), |n| n.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use lapin::{BasicProperties, types::AMQPValue};
-
     use super::*;
 
     #[test]
@@ -346,25 +240,35 @@ mod tests {
         );
         original.insert(header::ORIGINAL_ROUTING_KEY.into(), text("order.created"));
         original.insert(header::REPLAYS.into(), AMQPValue::LongLongInt(1));
-        let fresh = fresh_headers(&BasicProperties::default().with_headers(original));
-        let keys: Vec<&str> = fresh.inner().keys().map(|k| k.as_str()).collect();
+        let stored = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_type("orderflow.v1.OrderCreated".into())
+            .with_headers(original);
+        let stored = serde_json::to_string(&stored).unwrap();
+        let fresh = stored_properties(&replay_properties(&stored).unwrap()).unwrap();
+        assert_eq!(fresh.message_id().as_ref().unwrap().as_str(), "m-1");
+        assert_eq!(fresh.delivery_mode(), &Some(2));
+        let headers = fresh.headers().clone().unwrap();
+        let keys: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
         assert!(keys.contains(&"traceparent") && keys.contains(&header::ORIGINAL_ROUTING_KEY));
         assert!(!keys.contains(&header::ATTEMPT) && !keys.contains(&header::LAST_ERROR));
         assert!(!keys.contains(&"x-death") && !keys.contains(&"x-delivery-count"));
         assert_eq!(
-            fresh.inner().get(header::REPLAYS),
+            headers.inner().get(header::REPLAYS),
             Some(&AMQPValue::LongLongInt(2))
         );
     }
 
     #[test]
-    fn selection() {
-        let ids = Selection::Ids(["a".to_owned(), "b".to_owned()].into());
-        assert!(ids.selects(Some("a")) && !ids.selects(Some("c")) && !ids.selects(None));
-        assert!(Selection::All.selects(None));
-        assert_eq!(
-            ids.not_found(&["a".to_owned()].into()),
-            vec!["b".to_owned()]
-        );
+    fn headers_display_as_text() {
+        assert_eq!(display(&text("boom")), "boom");
+        assert_eq!(display(&AMQPValue::LongLongInt(3)), "3");
+        assert_eq!(display(&AMQPValue::Boolean(true)), "true");
+    }
+
+    #[test]
+    fn rfc3339_headers_become_micros() {
+        assert_eq!(micros("1970-01-01T00:00:01.500Z"), Some(1_500_000));
+        assert_eq!(micros("yesterday"), None);
     }
 }

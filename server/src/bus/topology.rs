@@ -6,9 +6,13 @@
 //! - delayed retries: a fanout exchange and quorum queue per service and attempt,
 //!   `<ns>.<service>.retry.<n>`, whose messages expire after their backoff and are dead-lettered
 //!   (at-least-once) through the default exchange straight back to their work queue;
-//! - dead letters: the topic exchange `<ns>.dead-letters` routes, by work queue name, to
-//!   `<work queue>.dlq` and to Order's `<ns>.order.dead-letters` queue, which marks the order
-//!   FAILED. Both the consumer's explicit dead-lettering and the broker's delivery limit use it.
+//! - dead letters: the topic exchange `<ns>.dead-letters` routes every dead letter (routing key:
+//!   its work queue's name) to Order's intake `<ns>.order.dead-letters`, which keeps it in
+//!   Order's dead-letter store and marks the order FAILED. The consumer's explicit
+//!   dead-lettering, the broker's delivery limit and the outbox relay's parking all use it.
+//!   Only the intake has a dead-letter queue of its own, `<ns>.order.dead-letters.dlq`, the
+//!   last resort for what the store itself refuses. No dead-letter queue is ever browsed: on
+//!   RabbitMQ 4 a browse spends the delivery limit of the message it looks at.
 //!
 //! Declaration is idempotent and every service declares the whole namespace, so start-up order
 //! never matters and a publish never finds its queue missing.
@@ -162,7 +166,8 @@ pub struct QueueNames {
     pub subscription: Subscription,
     /// The work queue, `<ns>.<service>.<name>`.
     pub work: String,
-    /// The dead-letter queue, `<work>.dlq`.
+    /// `<work>.dlq`: the name its dead letters are listed under. A real queue only for the
+    /// dead-letter intake itself; the others' dead letters live in Order's store.
     pub dlq: String,
     /// How a message reaches `dlq`.
     pub dead_letter: Route,
@@ -217,6 +222,12 @@ impl Topology {
     /// `attempt`-th delivery until their backoff expires.
     pub fn retry_queue(&self, service: Service, attempt: u32) -> String {
         format!("{}.{}.retry.{attempt}", self.namespace, service.as_str())
+    }
+
+    /// `<ns>.<service>.outbox`: where rows that `service`'s outbox relay could not route are
+    /// said to come from when they are dead-lettered.
+    pub fn outbox_source(&self, service: Service) -> String {
+        format!("{}.{}.outbox", self.namespace, service.as_str())
     }
 
     /// Number of delayed-retry levels per service.
@@ -337,17 +348,12 @@ impl Topology {
             )
             .await?;
 
-            let mut dlq_args = FieldTable::default();
-            dlq_args.insert("x-queue-type".into(), long_string("quorum"));
-            declare_queue(channel, &queue.dlq, dlq_args).await?;
-            if queue.subscription.source == Source::Events {
-                bind(
-                    channel,
-                    &queue.dlq,
-                    &self.dead_letter_exchange(),
-                    &queue.work,
-                )
-                .await?;
+            if queue.subscription.source == Source::DeadLetters {
+                // Nobody consumes the last resort, so nothing is ever handed back to it and
+                // no delivery limit applies, on any RabbitMQ version.
+                let mut dlq_args = FieldTable::default();
+                dlq_args.insert("x-queue-type".into(), long_string("quorum"));
+                declare_queue(channel, &queue.dlq, dlq_args).await?;
             }
         }
         Ok(())
@@ -388,9 +394,13 @@ impl Topology {
         for names in self.queues_of(service) {
             queues.push(names.work);
         }
-        // The order service's dead-letter API reads every DLQ.
         if service == Service::Order {
-            queues.extend(self.all_queues().into_iter().map(|q| q.dlq));
+            queues.extend(
+                self.queues_of(service)
+                    .into_iter()
+                    .filter(|q| q.subscription.source == Source::DeadLetters)
+                    .map(|q| q.dlq),
+            );
         }
         for queue in queues {
             channel
@@ -403,7 +413,11 @@ impl Topology {
     /// Deletes every queue and exchange of the namespace (test clean-up, `reset` tooling).
     pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
         for queue in self.all_queues() {
-            for name in [&queue.work, &queue.dlq] {
+            let mut names = vec![&queue.work];
+            if queue.subscription.source == Source::DeadLetters {
+                names.push(&queue.dlq);
+            }
+            for name in names {
                 channel
                     .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                     .await?;

@@ -2,18 +2,20 @@
 //! (see [`super::status`]), and a dead-lettered message about an order marks it FAILED so
 //! nobody waits forever.
 
+use std::{collections::HashSet, sync::Arc};
+
 use orderflow_proto::orderflow::v1 as pb;
 use prost::Name as _;
 use tracing::{debug, info};
 
 use super::{
-    Item, Order,
+    Item, Order, dead_letters,
     status::{Fact, Status, transitions},
     store,
     watch::Hub,
 };
 use crate::{
-    bus::{HandleError, Incoming, topology::header},
+    bus::{HandleError, Incoming, dead_letters::Parked, topology::header},
     inbox::{Context, Handler},
     metrics::Metrics,
 };
@@ -118,34 +120,46 @@ impl Handler for SagaHandler {
     }
 }
 
-/// Marks orders FAILED when a message about them is dead-lettered anywhere in the namespace.
+/// Keeps every dead letter of the namespace in the dead-letter store and marks the order it is
+/// about FAILED, in one transaction.
 #[derive(Debug, Clone)]
 pub struct DeadLetterHandler {
     observers: Observers,
+    work_queues: Arc<HashSet<String>>,
 }
 
 impl DeadLetterHandler {
-    /// A handler that rings `hub` after each committed change.
-    pub fn new(hub: Hub, metrics: Metrics) -> Self {
+    /// A handler that rings `hub` after each committed change. `work_queues` are the
+    /// namespace's work queues: a dead letter from one of them is replayed straight into it.
+    pub fn new(hub: Hub, metrics: Metrics, work_queues: HashSet<String>) -> Self {
         DeadLetterHandler {
             observers: Observers { hub, metrics },
+            work_queues: Arc::new(work_queues),
         }
     }
 
-    /// Inbox key of a dead letter: the message id plus when it failed, so the same message
-    /// dead-lettered again after a replay counts again, while a redelivered copy does not.
+    /// Inbox key of a dead letter: the message id plus when it failed (and a digest of the
+    /// body, for messages without an id), so the same message dead-lettered again after a
+    /// replay is kept again, while a redelivered copy is not.
     pub fn dedup_key(message: &Incoming) -> Option<String> {
+        use sha2::Digest as _;
         let id = message.message_id().unwrap_or("-");
         let failed_at = message
             .header_str(header::LAST_FAILURE_AT)
             .unwrap_or("broker");
         let count = message.headers().and_then(death_count).unwrap_or(0);
-        Some(format!("dead-letter:{id}:{failed_at}:{count}"))
+        let body = sha2::Sha256::digest(message.body());
+        let body: String = body[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Some(format!("dead-letter:{id}:{failed_at}:{count}:{body}"))
     }
 }
 
 impl Handler for DeadLetterHandler {
     async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
+        let parked = Parked::read(message, |queue| self.work_queues.contains(queue));
+        dead_letters::record(cx.conn(), &parked)
+            .await
+            .map_err(HandleError::transient)?;
         let Some(order_id) = message.correlation_id().filter(|id| !id.is_empty()) else {
             debug!("Dead letter without an order id; nothing to mark.");
             return Ok(());

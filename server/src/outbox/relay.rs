@@ -12,7 +12,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::Outbox;
 use crate::{
-    bus::{Outgoing, Publisher, message, propagation, topology::Topology},
+    bus::{Outgoing, Publisher, dead_letters, message, propagation, topology::Topology},
     db::{Backend, Database},
     metrics::Metrics,
 };
@@ -61,6 +61,16 @@ struct Row {
     body: Vec<u8>,
     trace_context: String,
     created_at: i64,
+    /// Set for forwarded messages (replays); `None` is the events exchange.
+    exchange: Option<String>,
+    /// Set for forwarded messages: their own properties (JSON).
+    properties: Option<String>,
+}
+
+impl Row {
+    fn exchange<'a>(&'a self, events: &'a str) -> &'a str {
+        self.exchange.as_deref().unwrap_or(events)
+    }
 }
 
 /// Publishes one service's outbox.
@@ -148,7 +158,7 @@ impl Relay {
     /// `FOR UPDATE SKIP LOCKED` in a transaction that lasts until they are deleted, so two
     /// relays never publish the same row.
     async fn relay_batch(&self) -> anyhow::Result<usize> {
-        const SELECT: &str = "SELECT seq, message_id, routing_key, message_type, correlation_id, body, trace_context, created_at
+        const SELECT: &str = "SELECT seq, message_id, routing_key, message_type, correlation_id, body, trace_context, created_at, exchange, properties
              FROM outbox ORDER BY seq LIMIT $1";
         match self.db.backend() {
             Backend::Sqlite => {
@@ -232,13 +242,13 @@ impl Relay {
             serde_json::from_str(&row.trace_context).unwrap_or_default();
         let span = tracing::info_span!(
             "publish",
-            otel.name = %format!("publish {}", self.exchange),
+            otel.name = %format!("publish {}", row.exchange(&self.exchange)),
             otel.kind = "producer",
             service.name = self.outbox.service().service_name(),
             messaging.system = "rabbitmq",
             messaging.operation.type = "send",
             messaging.operation.name = "publish",
-            messaging.destination.name = %self.exchange,
+            messaging.destination.name = %row.exchange(&self.exchange),
             messaging.rabbitmq.destination.routing_key = %row.routing_key,
             messaging.message.id = %row.message_id,
             messaging.message.conversation_id = %row.correlation_id,
@@ -249,6 +259,20 @@ impl Relay {
     }
 
     fn message(&self, row: &Row, span: &tracing::Span) -> Outgoing {
+        // A forwarded message keeps the properties it was stored with, trace context included:
+        // a replay continues the original trace.
+        if let Some(properties) = row
+            .properties
+            .as_deref()
+            .and_then(|json| dead_letters::stored_properties(json).ok())
+        {
+            return Outgoing {
+                exchange: row.exchange(&self.exchange).to_owned(),
+                routing_key: row.routing_key.clone(),
+                properties,
+                body: row.body.clone(),
+            };
+        }
         let mut headers = FieldTable::default();
         propagation::inject(&span.context(), &mut headers);
         let properties = message::properties(

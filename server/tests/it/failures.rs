@@ -679,3 +679,110 @@ async fn unroutable_events_wait_in_the_outbox_until_they_can_be_delivered() {
     assert_eq!(waiting, 0);
     conn.close(200, "ok".into()).await.ok();
 }
+
+/// RabbitMQ 4 drops a quorum-queue message handed back more often than its delivery limit
+/// (20 by default), so a dead-letter browse that takes and returns messages loses them after
+/// about twenty looks. Browsing the store must cost nothing, however often and however
+/// concurrently, on either broker version, and a selective purge touches only its selection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsing_never_uses_up_a_dead_letter() {
+    let app = spawn_app_with(|c| c.faults = parse_rules("payment:permanent:3").unwrap()).await;
+    let mut orders = Vec::new();
+    for i in 0..3 {
+        let id = app.place(&format!("b{i}"), &[("CB-005", 1)]).await.order_id;
+        assert_eq!(app.terminal(&id).await.status(), OrderStatus::Failed);
+        orders.push(id);
+    }
+    eventually("three dead letters", || async {
+        app.dlq_depth("payment.inventory-reserved").await == 3
+    })
+    .await;
+    let list = || {
+        let mut client = app.dead_letters();
+        async move {
+            let listed = client
+                .list_dead_letters(pb::ListDeadLettersRequest {
+                    queue: "payment.inventory-reserved".into(),
+                    limit: 10,
+                })
+                .await
+                .expect("ListDeadLetters")
+                .into_inner();
+            assert_eq!(listed.depth, 3);
+            listed
+                .dead_letters
+                .into_iter()
+                .map(|d| (d.order_id, d.message_id))
+                .collect::<Vec<_>>()
+        }
+    };
+    let first = list().await;
+    assert_eq!(
+        first.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>(),
+        orders,
+        "oldest first"
+    );
+    // Far past RabbitMQ 4's default delivery limit, one after another and side by side.
+    for _ in 0..30 {
+        assert_eq!(list().await, first);
+    }
+    let concurrent = futures_util::future::join_all((0..30).map(|_| list())).await;
+    assert!(concurrent.iter().all(|seen| *seen == first));
+    let gets = futures_util::future::join_all(first.iter().cycle().take(30).map(|(_, id)| {
+        let mut client = app.dead_letters();
+        let queue = format!("{}.payment.inventory-reserved.dlq", app.namespace);
+        async move {
+            client
+                .get_dead_letter(pb::GetDeadLetterRequest {
+                    queue,
+                    message_id: id.clone(),
+                })
+                .await
+                .map(|d| d.into_inner().message_id)
+        }
+    }))
+    .await;
+    assert!(gets.iter().all(Result::is_ok), "{gets:?}");
+
+    let purged = app
+        .dead_letters()
+        .purge(pb::PurgeRequest {
+            queue: "payment.inventory-reserved".into(),
+            message_ids: vec![first[1].1.clone()],
+            all: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((purged.purged, purged.not_found.len()), (1, 0));
+    let left = app
+        .dead_letters()
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            queue: "payment.inventory-reserved".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let left: Vec<_> = left
+        .dead_letters
+        .into_iter()
+        .map(|d| d.message_id)
+        .collect();
+    assert_eq!(left, vec![first[0].1.clone(), first[2].1.clone()]);
+
+    let replayed = app
+        .dead_letters()
+        .replay(pb::ReplayRequest {
+            queue: "payment.inventory-reserved".into(),
+            message_ids: vec![first[2].1.clone()],
+            all: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.replayed, vec![first[2].1.clone()]);
+    crate::helpers::wait_for_status(&app.client, &orders[2], OrderStatus::Completed).await;
+    assert_eq!(app.get(&orders[0]).await.status(), OrderStatus::Failed);
+    assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 1);
+}
