@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, DeadLetterApi, OrderApi, Security, auth::Tokens},
     bus::{
-        Broker, Consumer, ConsumerSettings, Publisher, RetryPolicy, Topology,
+        Broker, Consumer, ConsumerSettings, ParkFault, Publisher, RetryPolicy, Topology,
         topology::{Declare, QueueNames, Source},
     },
     config::{Config, DeclareTopology},
@@ -441,6 +441,10 @@ impl Wiring {
             policy: self.policy,
             prefetch: self.prefetch,
             max_message_bytes,
+            refuse_park: (!self.faults.is_empty()).then(|| {
+                let faults = self.faults.clone();
+                ParkFault(Arc::new(move || faults.refuse_park()))
+            }),
         };
         Consumer::new(
             self.broker.clone(),

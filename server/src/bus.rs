@@ -21,7 +21,7 @@ mod retry;
 pub mod topology;
 
 pub use broker::{Broker, Link};
-pub use consumer::{Consumer, Processor, Settings as ConsumerSettings};
+pub use consumer::{Consumer, ParkFault, Processor, Settings as ConsumerSettings};
 pub use event::Event;
 pub use message::{Incoming, Outgoing};
 pub use outcome::{DeadLetterReason, HandleError, Settlement};

@@ -8,6 +8,9 @@
 //! - `panic:N` / `panic:0.1`: like `permanent`, but the handler panics.
 //! - `crash-after-commit:N`: the process aborts right after its Nth committed batch, before
 //!   the outbox relay publishes (shows the outbox recovering on restart).
+//! - `unparkable:N` / `unparkable:1.0`: the consumer's first N (or that fraction of) attempts
+//!   to park a failed message in its retry or dead-letter route fail, as if the broker had
+//!   refused them (shows the requeue path ending at the delivery limit).
 
 use std::{
     str::FromStr,
@@ -35,6 +38,8 @@ pub enum Kind {
     Panic,
     /// `abort()` after a commit, before publishing.
     CrashAfterCommit,
+    /// The consumer cannot park a failed message.
+    Unparkable,
 }
 
 /// How often it fires.
@@ -73,9 +78,10 @@ impl FromStr for Rule {
             "permanent" => Kind::Permanent,
             "panic" => Kind::Panic,
             "crash-after-commit" => Kind::CrashAfterCommit,
+            "unparkable" => Kind::Unparkable,
             other => {
                 return Err(format!(
-                    "fault `{s}`: unknown kind `{other}` (transient, permanent, panic, crash-after-commit)"
+                    "fault `{s}`: unknown kind `{other}` (transient, permanent, panic, crash-after-commit, unparkable)"
                 ));
             }
         };
@@ -130,7 +136,7 @@ impl Faults {
     pub fn inject(&self, message: &Incoming) -> Result<(), HandleError> {
         for (rule, count) in self.rules.iter() {
             let fire = match (rule.kind, rule.amount) {
-                (Kind::CrashAfterCommit, _) => false,
+                (Kind::CrashAfterCommit | Kind::Unparkable, _) => false,
                 (Kind::Transient, Amount::First(n)) => u64::from(message.attempt()) <= n,
                 (_, Amount::First(n)) => count.fetch_add(1, Ordering::Relaxed) < n,
                 (_, Amount::Fraction(f)) => rand::rng().random_bool(f),
@@ -143,10 +149,21 @@ impl Faults {
                 Kind::Transient => return Err(HandleError::transient(anyhow::anyhow!(what))),
                 Kind::Permanent => return Err(HandleError::permanent(anyhow::anyhow!(what))),
                 Kind::Panic => panic!("{what}"),
-                Kind::CrashAfterCommit => {}
+                Kind::CrashAfterCommit | Kind::Unparkable => {}
             }
         }
         Ok(())
+    }
+
+    /// Whether parking a failed message should fail now (counts parks).
+    pub fn refuse_park(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|(rule, count)| match (rule.kind, rule.amount) {
+                (Kind::Unparkable, Amount::First(n)) => count.fetch_add(1, Ordering::Relaxed) < n,
+                (Kind::Unparkable, Amount::Fraction(f)) => rand::rng().random_bool(f),
+                _ => false,
+            })
     }
 
     /// Whether the process should abort now, after a commit (counts commits).

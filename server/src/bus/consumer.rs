@@ -57,6 +57,19 @@ pub struct Settings {
     pub prefetch: u16,
     /// Larger deliveries are dead-lettered unread.
     pub max_message_bytes: usize,
+    /// Fault injection: when it says so, parking a failed message fails as if the broker had
+    /// refused it.
+    pub refuse_park: Option<ParkFault>,
+}
+
+/// Decides, for fault injection, whether a park fails.
+#[derive(Clone)]
+pub struct ParkFault(pub Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for ParkFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ParkFault")
+    }
 }
 
 /// Consumes one work queue until shutdown, surviving reconnects.
@@ -69,6 +82,7 @@ pub struct Consumer<P> {
     policy: RetryPolicy,
     prefetch: u16,
     max_message_bytes: usize,
+    refuse_park: Option<ParkFault>,
     processor: Arc<P>,
     metrics: Metrics,
 }
@@ -88,6 +102,7 @@ impl<P: Processor> Consumer<P> {
             policy,
             prefetch,
             max_message_bytes,
+            refuse_park,
         } = settings;
         Consumer {
             broker,
@@ -97,6 +112,7 @@ impl<P: Processor> Consumer<P> {
             policy,
             prefetch,
             max_message_bytes,
+            refuse_park,
             processor,
             metrics,
         }
@@ -334,9 +350,15 @@ impl<P: Processor> Consumer<P> {
 
         if let Some(copy) = copy {
             let span = tracing::debug_span!("settle", queue = %self.queue.work);
-            if let Err(error) = self.publisher.publish(&copy).instrument(span).await {
+            let parked = match &self.refuse_park {
+                Some(ParkFault(refuse)) if refuse() => Err(super::PublishError::Nacked),
+                _ => self.publisher.publish(&copy).instrument(span).await,
+            };
+            if let Err(error) = parked {
                 // Not parked anywhere: give it back to the queue rather than lose it. The
-                // queue's delivery limit stops this from looping forever.
+                // queue's explicit delivery limit (the same on RabbitMQ 3 and 4) stops this from
+                // looping forever: past it, the broker dead-letters the message itself, and
+                // at-least-once dead-lettering keeps it until the dead-letter route takes it.
                 warn!(
                     queue = %self.queue.work,
                     message.id = message_id,

@@ -786,3 +786,50 @@ async fn browsing_never_uses_up_a_dead_letter() {
     assert_eq!(app.get(&orders[0]).await.status(), OrderStatus::Failed);
     assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 1);
 }
+
+/// When a failed message cannot be parked (its dead-letter publish is refused), the consumer
+/// hands it back to its queue rather than lose it. That loop must end, on RabbitMQ 3 and 4
+/// alike (they count deliveries differently): at the queue's explicit delivery limit the broker
+/// dead-letters the message itself, and it reaches the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_cannot_be_parked_ends_at_the_delivery_limit() {
+    let app = spawn_app_with(|c| {
+        c.faults = parse_rules("payment:permanent:1.0,payment:unparkable:1.0").unwrap();
+        c.delivery_limit = 3;
+    })
+    .await;
+    let placed = app.place("alice", &[("KB-001", 1)]).await;
+    let order = app.terminal(&placed.order_id).await;
+    assert_eq!(order.status(), OrderStatus::Failed);
+    assert!(
+        order.failure_reason.contains("delivery_limit"),
+        "{}",
+        order.failure_reason
+    );
+    eventually("stored", || async {
+        app.dlq_depth("payment.inventory-reserved").await == 1
+    })
+    .await;
+    let dead = app
+        .dead_letters()
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            queue: "payment.inventory-reserved".into(),
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters
+        .remove(0);
+    assert_eq!(dead.reason, "delivery_limit");
+    assert_eq!(dead.order_id, placed.order_id);
+    assert!(!dead.payload.is_empty(), "body kept");
+    // The broker counted the hand-backs, and stopped at the limit.
+    let deaths = dead.headers.get("x-death").cloned().unwrap_or_default();
+    assert!(deaths.contains("delivery_limit"), "{deaths}");
+    assert_eq!(
+        app.get(&placed.order_id).await.status(),
+        OrderStatus::Failed
+    );
+    assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 1);
+}
