@@ -188,7 +188,7 @@ impl App {
                     ));
                     let store =
                         DeadLetterStore::new(wiring.database.clone(), wiring.outbox.clone());
-                    metrics.probe(dead_letter_depths(store.clone()));
+                    metrics.probe(dead_letter_depths(store.clone(), topology.clone()));
                     dead_letter_api = Some(DeadLetterApi::new(store, topology.clone()));
                 }
                 Service::Inventory => {
@@ -493,13 +493,17 @@ fn connected(service: Service, broker: Broker) -> metrics::Probe {
 }
 
 /// Dead letters kept per source, read from the store at scrape time.
-fn dead_letter_depths(store: DeadLetterStore) -> metrics::Probe {
+fn dead_letter_depths(store: DeadLetterStore, topology: Topology) -> metrics::Probe {
     Box::new(move || {
-        let store = store.clone();
+        let (store, topology) = (store.clone(), topology.clone());
         Box::pin(async move {
-            let Ok(depths) = store.depths().await else {
+            let Ok(mut depths) = store.depths().await else {
                 return vec![];
             };
+            // Every known source, empty ones too, so a dashboard sees zero rather than nothing.
+            for source in order::dead_letters::sources(&topology) {
+                depths.entry(source.name).or_insert(0);
+            }
             depths
                 .into_iter()
                 .map(|(source, depth)| {

@@ -14,8 +14,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use super::error::{Error, finish};
 use crate::{
     bus::{Topology, propagation},
-    order::dead_letters::{DeadLetterStore, Selection, Stored},
-    service::Service,
+    order::dead_letters::{DeadLetterStore, Selection, Stored, sources},
 };
 
 /// Default and largest number of dead letters one `ListDeadLetters` returns.
@@ -33,13 +32,6 @@ pub struct DeadLetterApi {
     descriptors: DescriptorPool,
 }
 
-/// A place dead letters come from, and the service that gave up on them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Source {
-    name: String,
-    service: Service,
-}
-
 impl DeadLetterApi {
     /// The API over `store`, for `topology`'s namespace.
     pub fn new(store: DeadLetterStore, topology: Topology) -> Self {
@@ -52,19 +44,6 @@ impl DeadLetterApi {
         }
     }
 
-    /// Every known source: each work queue, and each service's outbox.
-    fn sources(&self) -> Vec<Source> {
-        let queues = self.topology.all_queues().into_iter().map(|q| Source {
-            name: q.work,
-            service: q.subscription.service,
-        });
-        let outboxes = Service::ALL.into_iter().map(|service| Source {
-            name: self.topology.outbox_source(service),
-            service,
-        });
-        queues.chain(outboxes).collect()
-    }
-
     /// The source `queue` names: its dead-letter queue's name (`<source>.dlq`), the source
     /// itself, or the short form `<service>.<name>` such as `payment.inventory-reserved`.
     fn resolve(&self, queue: &str) -> Result<String, Error> {
@@ -73,7 +52,7 @@ impl DeadLetterApi {
         }
         let name = queue.strip_suffix(DLQ).unwrap_or(queue);
         let namespaced = format!("{}.{name}", self.topology.namespace());
-        self.sources()
+        sources(&self.topology)
             .into_iter()
             .find(|s| s.name == name || s.name == namespaced)
             .map(|s| s.name)
@@ -152,8 +131,7 @@ fn selection(ids: Vec<String>, all: bool) -> Result<Selection, Error> {
 impl DeadLetterApi {
     async fn queues(&self) -> Result<pb::ListDeadLetterQueuesResponse, Error> {
         let mut depths = self.store.depths().await?;
-        let mut queues: Vec<pb::DeadLetterQueue> = self
-            .sources()
+        let mut queues: Vec<pb::DeadLetterQueue> = sources(&self.topology)
             .into_iter()
             .map(|source| pb::DeadLetterQueue {
                 depth: depths.remove(&source.name).unwrap_or(0),

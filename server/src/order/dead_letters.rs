@@ -14,13 +14,38 @@ use sqlx::{AnyConnection, FromRow};
 
 use crate::{
     bus::{
+        Topology,
         dead_letters::{self, Parked},
         propagation,
     },
     db::Database,
     outbox::{Forward, Outbox},
+    service::Service,
     time,
 };
+
+/// A place dead letters come from, and the service that gave up on them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The work queue, or `<ns>.<service>.outbox`.
+    pub name: String,
+    /// Its service.
+    pub service: Service,
+}
+
+/// Every source of dead letters in `topology`'s namespace: each work queue, and each
+/// service's outbox.
+pub fn sources(topology: &Topology) -> Vec<Source> {
+    let queues = topology.all_queues().into_iter().map(|q| Source {
+        name: q.work,
+        service: q.subscription.service,
+    });
+    let outboxes = Service::ALL.into_iter().map(|service| Source {
+        name: topology.outbox_source(service),
+        service,
+    });
+    queues.chain(outboxes).collect()
+}
 
 /// Which dead letters of a source an operation applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
