@@ -485,7 +485,7 @@ pub enum VerifyError {
     },
     /// The broker's topology differs from the spec: a configuration error.
     #[error(
-        "the topology of namespace `{namespace}` does not match what {service} uses ({} problems): {}",
+        "the topology of namespace `{namespace}` does not match what the {service} service uses ({} problems): {}",
         .mismatches.len(),
         .mismatches.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     )]
