@@ -306,3 +306,24 @@ async fn an_unreachable_broker_or_management_api_is_retried() {
         process.child.kill().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_management_login_is_a_configuration_error() {
+    management().await;
+    let node = amqp_url().parse().expect("AMQP_URL parses");
+    let mut url = url::Url::parse(&management_url()).unwrap();
+    url.set_username("orderflow-nobody").unwrap();
+    url.set_password(Some("wrong")).unwrap();
+    let url = url.as_str().parse().unwrap();
+    let management = Management::new(&node, Some(&url), None).unwrap();
+    let error = topology(&unique_namespace())
+        .verify(&management, Service::Payment)
+        .await
+        .expect_err("a wrong password is refused");
+    assert!(
+        matches!(&error, VerifyError::Refused { status: 401, user, .. } if user == "orderflow-nobody"),
+        "{error:?}"
+    );
+    assert!(error.is_configuration());
+    assert!(!format!("{error} {error:?}").contains("wrong"), "{error:?}");
+}
