@@ -19,7 +19,7 @@
 #
 # The node is rmq4@localhost: AMQP on 127.0.0.1:5673 (guest/guest), Erlang distribution on
 # 127.0.0.1:25673, registered with the machine's epmd (shared with the 3.10 node, which is never
-# touched). No management UI. Needs root (chroot, mount). Environment:
+# touched). Management UI and HTTP API on 127.0.0.1:15673. Needs root (chroot, mount). Environment:
 #   RABBITMQ4_ROOT    the trixie root       (default <repo>/.rabbitmq4, git-ignored)
 #   RABBITMQ4_MIRROR  Debian mirror to build it from (default: the one apt uses here)
 # start, stop and delete take a lock ($RABBITMQ4_ROOT.lock), so concurrent callers wait for each
@@ -38,6 +38,7 @@ MARKER="$ROOT/.rabbitmq4-built"
 NODE=rmq4@localhost
 PORT=5673
 DIST_PORT=25673
+MGMT_PORT=15673
 LOG="$ROOT/var/log/rabbitmq/$NODE.log"
 START_LOG="$ROOT/var/log/rabbitmq/start-detached.log"
 SUITE=trixie
@@ -250,9 +251,12 @@ EOF
     cat >"$ROOT/etc/rabbitmq/rabbitmq.conf" <<EOF
 # Written by scripts/rabbitmq4.sh; rewritten on every start.
 listeners.tcp.1 = 127.0.0.1:$PORT
+# orderflow's --declare-topology verify reads queues and bindings through the management
+# API; 15672 belongs to the 3.10 node.
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $MGMT_PORT
 EOF
-    # No plugins: the management UI would want 15672, which the 3.10 node may hold.
-    echo "[]." >"$ROOT/etc/rabbitmq/enabled_plugins"
+    echo "[rabbitmq_management]." >"$ROOT/etc/rabbitmq/enabled_plugins"
     cp /etc/hosts "$ROOT/etc/hosts" # localhost must resolve as it does outside
 }
 

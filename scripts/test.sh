@@ -2,7 +2,8 @@
 # Runs orderflow's whole test suite against a real RabbitMQ, as CI does.
 #
 # 1. RabbitMQ: uses AMQP_URL if set; otherwise needs one on 127.0.0.1:5672 and starts the
-#    locally installed rabbitmq-server if it is installed but not running.
+#    locally installed rabbitmq-server if it is installed but not running. The verify tests read
+#    its management API (15672), so the management plugin is enabled on the local broker.
 # 2. PostgreSQL (the scale-out tests): uses ORDERFLOW_TEST_POSTGRES if set; otherwise needs one
 #    on 127.0.0.1:5432 accepting the `postgres` user without a password, and starts the locally
 #    installed cluster (pg_ctlcluster) if it is installed but not running.
@@ -31,6 +32,13 @@ if [ -z "${AMQP_URL:-}" ] && ! broker_up; then
     echo "or point AMQP_URL at one." >&2
     exit 1
   fi
+fi
+
+# --declare-topology verify reads the topology through the management API; enabling an already
+# enabled plugin changes nothing.
+if [ -z "${AMQP_URL:-}" ] && command -v rabbitmq-plugins >/dev/null 2>&1; then
+  rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null
+  for _ in $(seq 60); do (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null && break; sleep 1; done
 fi
 
 postgres_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }

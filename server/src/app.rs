@@ -376,7 +376,8 @@ impl Wiring {
             DeclareTopology::Verify => Declare::Verify(service),
         };
         let broker = Broker::new(config.amqp_url.clone(), name, topology.clone(), declare)
-            .with_ca_cert(security.amqp_ca_cert.clone());
+            .with_ca_cert(security.amqp_ca_cert.clone())
+            .with_management_url(config.management_url.clone());
         stages
             .broker_tasks
             .spawn(broker.clone().run(stages.broker_stop.clone()));

@@ -1,6 +1,7 @@
 //! The messaging layer: everything that knows about RabbitMQ lives here and nowhere else.
 //!
-//! - [`topology`]: names and declaration of exchanges and queues;
+//! - [`topology`]: names, declaration and verification of exchanges, queues and bindings;
+//! - [`management`]: reading the broker's topology through its management HTTP API;
 //! - [`Broker`]: the supervised, self-healing connection;
 //! - [`Publisher`]: confirmed, mandatory publishing;
 //! - [`Consumer`]: the consume loop and the one place deliveries are settled;
@@ -13,6 +14,7 @@ mod broker;
 mod consumer;
 pub mod dead_letters;
 mod event;
+pub mod management;
 pub mod message;
 mod outcome;
 pub mod propagation;
@@ -28,3 +30,13 @@ pub use outcome::{DeadLetterReason, HandleError, Settlement};
 pub use publisher::{PublishError, Publisher};
 pub use retry::RetryPolicy;
 pub use topology::Topology;
+
+/// Whether `error` (anywhere in its chain) is a broker configuration problem that retrying
+/// cannot fix, such as a pre-declared topology that differs from what the services need.
+pub fn is_configuration_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<topology::VerifyError>()
+            .is_some_and(topology::VerifyError::is_configuration)
+    })
+}

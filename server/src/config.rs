@@ -103,10 +103,19 @@ pub struct Config {
     pub shutdown_grace: Duration,
 
     /// `all`: declare every exchange and queue of the namespace on connect (needs `configure`
-    /// permission); `verify`: only check that what this service uses exists, for pre-declared
-    /// topologies and least-privilege users (docker-compose).
+    /// permission); `verify`: declare nothing, check that what this service uses exists with
+    /// the right types, arguments and bindings (through the management API; exits with 78,
+    /// EX_CONFIG, listing every difference), for pre-declared topologies and least-privilege
+    /// users (docker-compose).
     #[arg(long, env = "ORDERFLOW_DECLARE_TOPOLOGY", value_enum, default_value_t = DeclareTopology::All)]
     pub declare_topology: DeclareTopology,
+
+    /// RabbitMQ management HTTP API that `--declare-topology verify` reads, e.g.
+    /// `http://rabbitmq:15672`. Default: port 15672 (15671 for `amqps://`) on the host of the
+    /// AMQP node connected to. Its credentials, else the AMQP URL's, need the `management` tag;
+    /// the vhost is the AMQP URL's. The password is never logged.
+    #[arg(long, env = "ORDERFLOW_MANAGEMENT_URL", hide_env_values = true)]
+    pub management_url: Option<ManagementUrl>,
 
     /// Fault injection for tests and demos, e.g. `payment:transient:2` (see README). Off by default.
     #[arg(long, env = "ORDERFLOW_FAULTS", value_delimiter = ',')]
@@ -311,6 +320,44 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
+/// A management API URL whose password stays out of `Debug` and `Display`.
+#[derive(Clone)]
+pub struct ManagementUrl {
+    secret: SecretString,
+    redacted: String,
+}
+
+impl ManagementUrl {
+    /// The full URL, for connecting only.
+    pub fn expose(&self) -> &str {
+        self.secret.expose_secret()
+    }
+}
+
+impl FromStr for ManagementUrl {
+    type Err = std::convert::Infallible;
+
+    /// Checked by [`Config::validate`] (clap would echo a refused value verbatim).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(ManagementUrl {
+            secret: SecretString::from(s.to_owned()),
+            redacted: redact(s),
+        })
+    }
+}
+
+impl fmt::Debug for ManagementUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl fmt::Display for ManagementUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
 /// Replaces the password of `scheme://user:password@host…` with `***`.
 fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -340,6 +387,14 @@ impl Config {
         }
         if let Some(problem) = &self.amqp_url.problem {
             problems.push(format!("--amqp-url {}: {problem}", self.amqp_url.redacted));
+        }
+        if let Some(url) = &self.management_url {
+            let parsed = url::Url::parse(url.expose());
+            if !parsed.is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host()) {
+                problems.push(format!(
+                    "--management-url {url}: expected http(s)://[user:password@]host[:port]"
+                ));
+            }
         }
         if self.services.is_empty() {
             problems.push("--services: name at least one of order, inventory, payment".to_owned());

@@ -4,12 +4,15 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use orderflow_server::{app::App, config::Config, shutdown, telemetry};
+use orderflow_server::{app::App, bus, config::Config, shutdown, telemetry};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 /// EX_USAGE: the configuration is invalid.
 const EXIT_USAGE: u8 = 64;
+/// EX_CONFIG: the broker is configured wrongly for this configuration (`--declare-topology
+/// verify` found a different topology, or the management API refused the user).
+const EXIT_CONFIG: u8 = 78;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -70,7 +73,11 @@ async fn main() -> ExitCode {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             error!(error = %format!("{e:#}"), "orderflow-server failed.");
-            ExitCode::FAILURE
+            if bus::is_configuration_error(&e) {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(join) => {
             error!(error = %join, "orderflow-server panicked.");

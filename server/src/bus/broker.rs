@@ -14,8 +14,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Topology, topology::Declare};
-use crate::config::AmqpUrl;
+use super::{Topology, management::Management, topology::Declare};
+use crate::config::{AmqpUrl, ManagementUrl};
 
 /// Heartbeat asked of the broker when the URL does not set one, so a silently dead peer (a
 /// network blip, a paused VM) is noticed within seconds rather than RabbitMQ's default minute.
@@ -65,6 +65,7 @@ struct Inner {
     topology: Topology,
     declare: Declare,
     ca_cert: Option<String>,
+    management_url: Option<ManagementUrl>,
     link: watch::Sender<Option<Link>>,
     broken: Notify,
 }
@@ -84,6 +85,7 @@ impl Broker {
                 topology,
                 declare,
                 ca_cert: None,
+                management_url: None,
                 link: watch::Sender::new(None),
                 broken: Notify::new(),
             }),
@@ -94,6 +96,16 @@ impl Broker {
     pub fn with_ca_cert(self, ca_cert: Option<String>) -> Self {
         let mut inner = Arc::try_unwrap(self.inner).expect("configured before it is shared");
         inner.ca_cert = ca_cert;
+        Broker {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Reads the topology through `url` for `Declare::Verify` instead of the management API
+    /// on the connected node's host (see [`Management::new`]).
+    pub fn with_management_url(self, url: Option<ManagementUrl>) -> Self {
+        let mut inner = Arc::try_unwrap(self.inner).expect("configured before it is shared");
+        inner.management_url = url;
         Broker {
             inner: Arc::new(inner),
         }
@@ -134,7 +146,9 @@ impl Broker {
         }
     }
 
-    /// Keeps a connection up until `shutdown`, then closes it. Returns only on shutdown.
+    /// Keeps a connection up until `shutdown`, then closes it. Returns `Ok` on shutdown, and an
+    /// error only for what retrying cannot fix ([`super::is_configuration_error`]): a verified
+    /// topology that differs from the spec, or a management API that refuses the user.
     ///
     /// With several broker URLs (a cluster), each attempt tries the nodes in turn, starting
     /// after the one last connected to, so losing a node moves the connection to the next.
@@ -158,6 +172,9 @@ impl Broker {
                     Ok(connection) => {
                         connected = Some((index, connection));
                         break;
+                    }
+                    Err(error) if super::is_configuration_error(&error) => {
+                        return Err(error.context(format!("RabbitMQ node {}", nodes[index])));
                     }
                     Err(error) => {
                         if nodes.len() > 1 {
@@ -247,14 +264,26 @@ impl Broker {
             .create_channel()
             .await
             .context("opening a channel")?;
-        self.inner
-            .topology
-            .prepare(&channel, self.inner.declare)
-            .await
-            .context(match self.inner.declare {
-                Declare::All => "declaring the topology",
-                Declare::Verify(_) => "checking the pre-declared topology",
-            })?;
+        match self.inner.declare {
+            Declare::All => self
+                .inner
+                .topology
+                .declare(&channel)
+                .await
+                .context("declaring the topology")?,
+            Declare::Verify(service) => {
+                let management = Management::new(
+                    node,
+                    self.inner.management_url.as_ref(),
+                    self.inner.ca_cert.as_deref(),
+                )?;
+                self.inner
+                    .topology
+                    .verify(&management, service)
+                    .await
+                    .context("checking the pre-declared topology")?;
+            }
+        }
         let _ = channel.close(200, "topology ready".into()).await;
         Ok(connection)
     }
@@ -265,6 +294,8 @@ fn hint(error: &anyhow::Error) -> &'static str {
     let text = format!("{error:#}");
     if text.contains("ACCESS_REFUSED") || text.contains("access refused") {
         "the broker refused this user: check the credentials in AMQP_URL and the user's permissions"
+    } else if text.contains("management API") {
+        "is the management plugin enabled (rabbitmq-plugins enable rabbitmq_management) and reachable? See ORDERFLOW_MANAGEMENT_URL"
     } else if text.contains("NOT_FOUND") {
         "the topology is not declared: load deploy/rabbitmq/definitions.json, or use --declare-topology all"
     } else if text.contains("PRECONDITION_FAILED") {

@@ -14,15 +14,22 @@
 //!   last resort for what the store itself refuses. No dead-letter queue is ever browsed: on
 //!   RabbitMQ 4 a browse spends the delivery limit of the message it looks at.
 //!
-//! Declaration is idempotent and every service declares the whole namespace, so start-up order
-//! never matters and a publish never finds its queue missing.
+//! [`Topology::spec`] describes all of it as data; declaring, verifying and deleting work from
+//! that one description. Declaration is idempotent and every service declares the whole
+//! namespace, so start-up order never matters and a publish never finds its queue missing.
+
+pub mod spec;
+
+use std::collections::BTreeMap;
 
 use lapin::{
-    Channel, ExchangeKind,
+    Channel,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{AMQPValue, FieldTable, LongString},
 };
 
+use self::spec::{Argument, BindingSpec, ExchangeKind, ExchangeSpec, Mismatch, QueueSpec, Spec};
+use super::management::Management;
 use crate::service::Service;
 
 /// Routing keys of the events on `<ns>.events`.
@@ -179,8 +186,9 @@ pub enum Declare {
     /// Declare the whole namespace (needs `configure` permission on all of it): the default,
     /// so a fresh broker just works.
     All,
-    /// Only check, passively, that what this service uses exists: for brokers whose topology
-    /// is pre-declared (a definitions file) and whose users have least privilege.
+    /// Only check that what this service uses exists exactly as declared (types, arguments,
+    /// bindings), through the management API: for brokers whose topology is pre-declared (a
+    /// definitions file) and whose users have least privilege.
     Verify(Service),
 }
 
@@ -277,211 +285,261 @@ impl Topology {
         SUBSCRIPTIONS.iter().map(|s| self.queue(s)).collect()
     }
 
-    /// Declares every exchange, queue and binding of the namespace. Idempotent.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .exchange_declare(
-                self.events_exchange().into(),
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                self.dead_letter_exchange().into(),
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-
+    /// Every exchange, queue (with its arguments) and binding of the namespace, and which
+    /// services use each: the one description `declare`, `verify` and `delete` work from.
+    pub fn spec(&self) -> Spec {
+        let mut spec = Spec::default();
+        for name in [self.events_exchange(), self.dead_letter_exchange()] {
+            spec.exchanges.push(ExchangeSpec {
+                name,
+                kind: ExchangeKind::Topic,
+                users: Service::ALL.to_vec(),
+            });
+        }
         for service in Service::ALL {
             for attempt in 1..=self.retry_levels {
                 let name = self.retry_queue(service, attempt);
-                channel
-                    .exchange_declare(
-                        name.clone().into(),
-                        ExchangeKind::Fanout,
-                        durable,
-                        FieldTable::default(),
-                    )
-                    .await?;
+                let users = vec![service];
+                spec.exchanges.push(ExchangeSpec {
+                    name: name.clone(),
+                    kind: ExchangeKind::Fanout,
+                    users: users.clone(),
+                });
                 // No dead-letter routing key: an expired message keeps the routing key it was
                 // published with, which is its work queue's name, and the default exchange
                 // routes it there.
-                let mut args = quorum_args();
-                args.insert("x-dead-letter-exchange".into(), long_string(""));
-                declare_queue(channel, &name, args).await?;
-                bind(channel, &name, &name, "").await?;
+                let mut arguments = quorum_args();
+                arguments.insert(
+                    "x-dead-letter-exchange".into(),
+                    Argument::Str(String::new()),
+                );
+                spec.queues.push(QueueSpec {
+                    name: name.clone(),
+                    arguments,
+                    users: users.clone(),
+                });
+                spec.bindings.push(BindingSpec {
+                    exchange: name.clone(),
+                    queue: name,
+                    key: String::new(),
+                    users,
+                });
             }
         }
-
         for queue in self.all_queues() {
-            let mut args = quorum_args();
-            args.insert(
+            let service = queue.subscription.service;
+            let mut arguments = quorum_args();
+            arguments.insert(
                 "x-delivery-limit".into(),
-                AMQPValue::LongInt(self.delivery_limit as i32),
+                Argument::Int(self.delivery_limit.into()),
             );
-            args.insert(
+            arguments.insert(
                 "x-dead-letter-exchange".into(),
-                long_string(&queue.dead_letter.exchange),
+                Argument::Str(queue.dead_letter.exchange.clone()),
             );
-            args.insert(
+            arguments.insert(
                 "x-dead-letter-routing-key".into(),
-                long_string(&queue.dead_letter.routing_key),
+                Argument::Str(queue.dead_letter.routing_key.clone()),
             );
-            declare_queue(channel, &queue.work, args).await?;
+            spec.queues.push(QueueSpec {
+                name: queue.work.clone(),
+                arguments,
+                users: vec![service],
+            });
             let source = match queue.subscription.source {
                 Source::Events => self.events_exchange(),
                 Source::DeadLetters => self.dead_letter_exchange(),
             };
-            bind(
-                channel,
-                &queue.work,
-                &source,
-                queue.subscription.binding_key,
-            )
-            .await?;
+            spec.bindings.push(BindingSpec {
+                exchange: source,
+                queue: queue.work.clone(),
+                key: queue.subscription.binding_key.to_owned(),
+                users: vec![service],
+            });
 
             if queue.subscription.source == Source::DeadLetters {
-                // Nobody consumes the last resort, so nothing is ever handed back to it and
-                // no delivery limit applies, on any RabbitMQ version.
-                let mut dlq_args = FieldTable::default();
-                dlq_args.insert("x-queue-type".into(), long_string("quorum"));
-                declare_queue(channel, &queue.dlq, dlq_args).await?;
+                // The last resort for what the dead-letter store refuses. Nobody consumes it,
+                // so nothing is ever handed back to it and no delivery limit applies, on any
+                // RabbitMQ version. Other work queues have no DLQ: their dead letters are kept
+                // in Order's store.
+                spec.queues.push(QueueSpec {
+                    name: queue.dlq,
+                    arguments: BTreeMap::from([(
+                        "x-queue-type".to_owned(),
+                        Argument::Str("quorum".to_owned()),
+                    )]),
+                    users: vec![service],
+                });
             }
         }
-        Ok(())
+        spec
     }
 
-    /// Declares everything, or checks what `service` uses, as `declare` says.
-    pub async fn prepare(&self, channel: &Channel, declare: Declare) -> lapin::Result<()> {
-        match declare {
-            Declare::All => self.declare(channel).await,
-            Declare::Verify(service) => self.verify(channel, service).await,
-        }
-    }
-
-    /// Checks, without creating anything, that the exchanges and queues `service` uses exist.
-    /// Passive declarations need no permission, and the first missing name fails the check.
-    pub async fn verify(&self, channel: &Channel, service: Service) -> lapin::Result<()> {
-        let passive = ExchangeDeclareOptions {
-            passive: true,
+    /// Declares every exchange, queue and binding of the namespace. Idempotent.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let spec = self.spec();
+        let durable = ExchangeDeclareOptions {
+            durable: true,
             ..Default::default()
         };
-        let mut exchanges = vec![self.events_exchange(), self.dead_letter_exchange()];
-        exchanges.extend((1..=self.retry_levels).map(|n| self.retry_queue(service, n)));
-        for exchange in exchanges {
+        for exchange in &spec.exchanges {
+            let kind = match exchange.kind {
+                ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+                ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+            };
             channel
                 .exchange_declare(
-                    exchange.into(),
-                    ExchangeKind::Topic,
-                    passive,
+                    exchange.name.as_str().into(),
+                    kind,
+                    durable,
                     FieldTable::default(),
                 )
                 .await?;
         }
-        let passive = QueueDeclareOptions {
-            passive: true,
+        let durable = QueueDeclareOptions {
+            durable: true,
             ..Default::default()
         };
-        let mut queues: Vec<String> = Vec::new();
-        for names in self.queues_of(service) {
-            queues.push(names.work);
-        }
-        if service == Service::Order {
-            queues.extend(
-                self.queues_of(service)
-                    .into_iter()
-                    .filter(|q| q.subscription.source == Source::DeadLetters)
-                    .map(|q| q.dlq),
-            );
-        }
-        for queue in queues {
+        for queue in &spec.queues {
+            let mut arguments = FieldTable::default();
+            for (name, value) in &queue.arguments {
+                arguments.insert(name.as_str().into(), amqp_value(value));
+            }
             channel
-                .queue_declare(queue.into(), passive, FieldTable::default())
+                .queue_declare(queue.name.as_str().into(), durable, arguments)
+                .await?;
+        }
+        for binding in &spec.bindings {
+            channel
+                .queue_bind(
+                    binding.queue.as_str().into(),
+                    binding.exchange.as_str().into(),
+                    binding.key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
         }
         Ok(())
+    }
+
+    /// Checks, without changing anything, that the exchanges, queues (type and arguments) and
+    /// bindings `service` uses are exactly as [`Topology::spec`] says, and reports every
+    /// difference at once. Reads them through the management API: AMQP cannot.
+    pub async fn verify(
+        &self,
+        management: &Management,
+        service: Service,
+    ) -> Result<(), VerifyError> {
+        let spec = self.spec().used_by(service);
+        let found = management.read(&spec).await?;
+        let mismatches = spec::compare(&spec, &found);
+        if mismatches.is_empty() {
+            Ok(())
+        } else {
+            Err(VerifyError::Mismatch {
+                namespace: self.namespace.clone(),
+                service,
+                mismatches,
+            })
+        }
     }
 
     /// Deletes every queue and exchange of the namespace (test clean-up, `reset` tooling).
     pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
-        for queue in self.all_queues() {
-            let mut names = vec![&queue.work];
-            if queue.subscription.source == Source::DeadLetters {
-                names.push(&queue.dlq);
-            }
-            for name in names {
-                channel
-                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                    .await?;
-            }
-        }
-        for service in Service::ALL {
-            for attempt in 1..=self.retry_levels {
-                let name = self.retry_queue(service, attempt);
-                channel
-                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                    .await?;
-                channel
-                    .exchange_delete(name.as_str().into(), Default::default())
-                    .await?;
-            }
-        }
-        for exchange in [self.events_exchange(), self.dead_letter_exchange()] {
+        let spec = self.spec();
+        for queue in &spec.queues {
             channel
-                .exchange_delete(exchange.into(), Default::default())
+                .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for exchange in &spec.exchanges {
+            channel
+                .exchange_delete(exchange.name.as_str().into(), Default::default())
                 .await?;
         }
         Ok(())
     }
 }
 
-fn long_string(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value))
+/// Why `--declare-topology verify` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The management API could not be read: the broker may still be starting; try again.
+    #[error("cannot read the topology through the management API at {url}")]
+    Unreachable {
+        /// The endpoint, without credentials.
+        url: String,
+        /// What went wrong.
+        #[source]
+        source: anyhow::Error,
+    },
+    /// The management API refused the user: a configuration error.
+    #[error(
+        "the management API at {url} refused user `{user}` (HTTP {status}): it needs the \
+         `management` tag and access to the vhost"
+    )]
+    Refused {
+        /// The endpoint, without credentials.
+        url: String,
+        /// The user it refused.
+        user: String,
+        /// 401 or 403.
+        status: u16,
+    },
+    /// The broker's topology differs from the spec: a configuration error.
+    #[error(
+        "the topology of namespace `{namespace}` does not match what the {service} service uses ({} problems): {}",
+        .mismatches.len(),
+        .mismatches.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    Mismatch {
+        /// The namespace checked.
+        namespace: String,
+        /// The service whose part was checked.
+        service: Service,
+        /// Every difference.
+        mismatches: Vec<Mismatch>,
+    },
+}
+
+impl VerifyError {
+    /// Whether retrying cannot help: the configuration (topology, user) must change.
+    pub fn is_configuration(&self) -> bool {
+        !matches!(self, VerifyError::Unreachable { .. })
+    }
+}
+
+fn amqp_value(value: &Argument) -> AMQPValue {
+    match value {
+        Argument::Str(s) | Argument::Other(s) => {
+            AMQPValue::LongString(LongString::from(s.as_str()))
+        }
+        Argument::Int(n) => match i32::try_from(*n) {
+            Ok(n) => AMQPValue::LongInt(n),
+            Err(_) => AMQPValue::LongLongInt(*n),
+        },
+    }
 }
 
 /// Durable quorum queue whose dead-lettering is at-least-once: the broker keeps a message until
 /// its dead-letter target confirmed it, so nothing is lost between queues.
-fn quorum_args() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), long_string("quorum"));
-    args.insert(
-        "x-dead-letter-strategy".into(),
-        long_string("at-least-once"),
-    );
-    // at-least-once dead-lettering requires reject-publish overflow.
-    args.insert("x-overflow".into(), long_string("reject-publish"));
-    args
-}
-
-async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
-    let options = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(ShortString::from(name), options, args)
-        .await
-        .map(drop)
-}
-
-async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
+fn quorum_args() -> BTreeMap<String, Argument> {
+    BTreeMap::from([
+        (
+            "x-queue-type".to_owned(),
+            Argument::Str("quorum".to_owned()),
+        ),
+        (
+            "x-dead-letter-strategy".to_owned(),
+            Argument::Str("at-least-once".to_owned()),
+        ),
+        // at-least-once dead-lettering requires reject-publish overflow.
+        (
+            "x-overflow".to_owned(),
+            Argument::Str("reject-publish".to_owned()),
+        ),
+    ])
 }
 
 #[cfg(test)]

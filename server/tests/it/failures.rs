@@ -614,7 +614,7 @@ async fn a_panicking_handler_does_not_take_down_the_consumer() {
 async fn unroutable_events_wait_in_the_outbox_until_they_can_be_delivered() {
     use lapin::options::QueueBindOptions;
     // The topology is declared up front and the app only verifies it (as with a definitions
-    // file), so no reconnect of the app re-creates the binding this test removes.
+    // file), so nothing in the app re-creates the binding this test removes.
     let namespace = crate::helpers::unique_namespace();
     let conn = raw_connection().await;
     let channel = conn.create_channel().await.unwrap();
@@ -624,7 +624,13 @@ async fn unroutable_events_wait_in_the_outbox_until_they_can_be_delivered() {
         .unwrap();
     let queue = format!("{namespace}.inventory.order-created");
     let events = format!("{namespace}.events");
-    // Nothing is bound for order.created: a mandatory publish comes back unroutable.
+    let app = spawn_app_with(|c| {
+        c.namespace = namespace.clone();
+        c.declare_topology = orderflow_server::config::DeclareTopology::Verify;
+    })
+    .await;
+    // Nothing is bound for order.created: a mandatory publish comes back unroutable. (Removed
+    // only now: verify refuses to start on a topology that lacks a binding.)
     channel
         .queue_unbind(
             queue.as_str().into(),
@@ -634,11 +640,6 @@ async fn unroutable_events_wait_in_the_outbox_until_they_can_be_delivered() {
         )
         .await
         .unwrap();
-    let app = spawn_app_with(|c| {
-        c.namespace = namespace.clone();
-        c.declare_topology = orderflow_server::config::DeclareTopology::Verify;
-    })
-    .await;
     let placed = app.place("alice", &[("KB-001", 1)]).await;
     let orders = sqlx::SqlitePool::connect(&format!(
         "sqlite://{}",

@@ -26,6 +26,21 @@ pub(crate) fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The management HTTP API of the tests' broker (read by `--declare-topology verify`):
+/// `ORDERFLOW_TEST_MANAGEMENT_URL` if set, else `http://<AMQP host>:<AMQP port + 10000>`
+/// (15672 for the usual 5672, 15673 for a second node on 5673), credentials from `AMQP_URL`.
+pub(crate) fn management_url() -> String {
+    if let Ok(url) = std::env::var("ORDERFLOW_TEST_MANAGEMENT_URL") {
+        return url;
+    }
+    let amqp: lapin::uri::AMQPUri = amqp_url().parse().expect("AMQP_URL parses");
+    format!(
+        "http://{}:{}",
+        amqp.authority.host,
+        amqp.authority.port + 10000
+    )
+}
+
 /// Deadline for anything a test waits for.
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
@@ -114,6 +129,8 @@ pub(crate) fn test_config(namespace: &str, data_dir: &Path) -> Config {
         "50ms",
         "--retry-max-delay",
         "1s",
+        "--management-url",
+        &management_url(),
     ])
     .expect("test config parses")
 }

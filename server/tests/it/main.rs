@@ -15,5 +15,6 @@ mod process;
 mod readme;
 mod saga;
 mod security;
+mod verify;
 mod watch_order;
 mod wire;

@@ -373,57 +373,73 @@ async fn metrics_count_what_happened() {
     );
 }
 
-/// The definitions docker-compose's RabbitMQ loads must match the code's topology exactly:
-/// RabbitMQ refuses to redeclare a queue with other arguments.
+/// The definitions docker-compose's RabbitMQ loads must match the code's topology exactly
+/// (the services run with `--declare-topology verify` there): compared with the same spec and
+/// the same comparison verify uses, exchanges, queue arguments and bindings included.
 #[test]
 fn compose_definitions_match_the_declared_topology() {
+    use orderflow_server::bus::topology::spec::{self, Argument, Found, FoundExchange, FoundQueue};
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/rabbitmq/definitions.json"
     );
     let definitions: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let topology = Topology::new("orderflow", 4, 20);
-    let queue = |name: &str| -> &serde_json::Value {
-        definitions["queues"]
-            .as_array()
+    let list = |key: &str| definitions[key].as_array().unwrap().clone();
+    let mut found = Found::default();
+    for exchange in list("exchanges") {
+        found.exchanges.insert(
+            exchange["name"].as_str().unwrap().to_owned(),
+            FoundExchange {
+                kind: exchange["type"].as_str().unwrap().to_owned(),
+                durable: exchange["durable"] == true,
+            },
+        );
+    }
+    for queue in list("queues") {
+        let arguments = queue["arguments"]
+            .as_object()
             .unwrap()
             .iter()
-            .find(|q| q["name"] == name)
-            .unwrap_or_else(|| panic!("queue {name} missing from definitions.json"))
-    };
-    for names in topology.all_queues() {
-        let work = queue(&names.work);
-        assert_eq!(work["durable"], true);
-        let args = &work["arguments"];
-        assert_eq!(args["x-queue-type"], "quorum", "{}", names.work);
-        assert_eq!(args["x-delivery-limit"], 20, "{}", names.work);
-        assert_eq!(args["x-dead-letter-strategy"], "at-least-once");
-        assert_eq!(args["x-overflow"], "reject-publish");
-        assert_eq!(
-            args["x-dead-letter-exchange"],
-            names.dead_letter.exchange.as_str(),
-            "{}",
-            names.work
+            .map(|(name, value)| {
+                let value = match value {
+                    serde_json::Value::String(s) => Argument::Str(s.clone()),
+                    other => other
+                        .as_i64()
+                        .map_or_else(|| Argument::Other(other.to_string()), Argument::Int),
+                };
+                (name.clone(), value)
+            })
+            .collect();
+        found.queues.insert(
+            queue["name"].as_str().unwrap().to_owned(),
+            FoundQueue {
+                durable: queue["durable"] == true,
+                arguments,
+                bindings: Default::default(),
+            },
         );
-        assert_eq!(
-            args["x-dead-letter-routing-key"],
-            names.dead_letter.routing_key.as_str(),
-            "{}",
-            names.work
-        );
-        assert_eq!(queue(&names.dlq)["arguments"]["x-queue-type"], "quorum");
     }
-    for service in orderflow_server::service::Service::ALL {
-        for level in 1..=4 {
-            let name = topology.retry_queue(service, level);
-            assert_eq!(queue(&name)["arguments"]["x-dead-letter-exchange"], "");
-        }
+    for binding in list("bindings") {
+        assert_eq!(binding["destination_type"], "queue", "{binding}");
+        let queue = found
+            .queues
+            .get_mut(binding["destination"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("binding to an undefined queue: {binding}"));
+        queue.bindings.insert((
+            binding["source"].as_str().unwrap().to_owned(),
+            binding["routing_key"].as_str().unwrap().to_owned(),
+        ));
     }
-    let queues = definitions["queues"].as_array().unwrap().len();
+    let spec = Topology::new("orderflow", 4, 20).spec();
+    let mismatches: Vec<String> = spec::compare(&spec, &found)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(mismatches.is_empty(), "{mismatches:#?}");
     assert_eq!(
-        queues,
-        topology.all_queues().len() * 2 + 3 * 4,
-        "no queue the code does not declare"
+        (found.exchanges.len(), found.queues.len()),
+        (spec.exchanges.len(), spec.queues.len()),
+        "nothing the code does not declare"
     );
 }

@@ -30,14 +30,23 @@ pub(crate) struct Server {
     pub(crate) logs: Arc<Mutex<Vec<String>>>,
 }
 
-impl Server {
-    /// Starts the binary with JSON logs, returning once it listens and is SERVING.
-    pub(crate) async fn start(
+/// An `orderflow-server` process just spawned (JSON logs, own namespace and data directory),
+/// not yet known to serve, and its stderr lines as they come.
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    /// Reads stderr until the process closes it.
+    reader: tokio::task::JoinHandle<()>,
+    pub(crate) logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Spawns the binary; `args` and `env` come last and may override the defaults.
+    pub(crate) fn spawn(
         namespace: &str,
         data_dir: &Path,
         args: &[&str],
         env: &[(&str, &str)],
-    ) -> Server {
+    ) -> Process {
         let mut command = Command::new(env!("CARGO_BIN_EXE_orderflow-server"));
         command
             .args(["--namespace", namespace, "--log-format", "json"])
@@ -63,30 +72,74 @@ impl Server {
             .kill_on_drop(true);
         let mut child = command.spawn().expect("orderflow-server starts");
         let logs = Arc::new(Mutex::new(Vec::new()));
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let stderr = child.stderr.take().expect("stderr piped");
         let sink = logs.clone();
         let reader = tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
-            let mut addr_tx = Some(addr_tx);
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
-                    && json["message"] == "orderflow-server started."
-                    && let Some(tx) = addr_tx.take()
-                {
-                    let _ = tx.send(json["grpc.addr"].as_str().unwrap_or_default().to_owned());
-                }
                 sink.lock().unwrap().push(line);
             }
         });
-        let addr = tokio::time::timeout(WAIT, addr_rx)
+        Process {
+            child,
+            reader,
+            logs,
+        }
+    }
+
+    /// The JSON log lines logged so far whose `message` is `message`.
+    pub(crate) fn logged(&self, message: &str) -> Vec<serde_json::Value> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|json| json["message"] == message)
+            .collect()
+    }
+
+    /// Waits for the process to exit on its own; its exit status and every log line.
+    pub(crate) async fn exit(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = tokio::time::timeout(WAIT, self.child.wait())
             .await
-            .expect("server logged its address in time")
-            .expect("server did not exit before starting");
+            .expect("exits in time")
+            .expect("reaped");
+        let _ = tokio::time::timeout(WAIT, self.reader).await;
+        let logs = std::mem::take(&mut *self.logs.lock().unwrap());
+        (status, logs)
+    }
+}
+
+impl Server {
+    /// Starts the binary with JSON logs, returning once it listens and is SERVING.
+    pub(crate) async fn start(
+        namespace: &str,
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        let process = Process::spawn(namespace, data_dir, args, env);
+        let mut addr = None;
+        crate::helpers::eventually("the server to log its address", || {
+            addr = process
+                .logged("orderflow-server started.")
+                .first()
+                .and_then(|json| json["grpc.addr"].as_str().map(str::to_owned));
+            std::future::ready(addr.is_some())
+        })
+        .await;
+        let Process {
+            child,
+            reader,
+            logs,
+        } = process;
         let server = Server {
             child,
             reader,
-            addr: addr.parse().expect("a socket address"),
+            addr: addr
+                .expect("address logged")
+                .parse()
+                .expect("a socket address"),
             logs,
         };
         server.wait_serving().await;
