@@ -4,6 +4,7 @@
 //! - [`Broker`]: the supervised, self-healing connection;
 //! - [`Publisher`]: confirmed, mandatory publishing;
 //! - [`Consumer`]: the consume loop and the one place deliveries are settled;
+//! - [`failure`]: the headers a failed message's copy carries;
 //! - [`dead_letters`]: inspecting, replaying and purging dead-letter queues;
 //! - [`propagation`]: trace context in message headers.
 //!
@@ -13,6 +14,7 @@ mod broker;
 mod consumer;
 pub mod dead_letters;
 mod event;
+pub mod failure;
 pub mod message;
 mod outcome;
 pub mod propagation;
