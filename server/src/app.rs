@@ -383,6 +383,7 @@ impl Wiring {
             outbox.clone(),
             publisher.clone(),
             topology,
+            config.outbox_policy(),
             metrics.clone(),
         );
         stages

@@ -213,6 +213,13 @@ impl Topology {
         format!("{}.dead-letters", self.namespace)
     }
 
+    /// `<ns>.<service>.outbox`: the routing key on the dead-letter exchange of outbox events
+    /// the broker kept refusing (parked by the relay), and the `queue` their headers name. Only
+    /// Order's `#` binding takes it: no work queue's `.dlq` is bound for it.
+    pub fn outbox_route(&self, service: Service) -> String {
+        format!("{}.{}.outbox", self.namespace, service.as_str())
+    }
+
     /// `<ns>.<service>.retry.<attempt>`: exchange and queue holding messages that failed their
     /// `attempt`-th delivery until their backoff expires.
     pub fn retry_queue(&self, service: Service, attempt: u32) -> String {
@@ -485,6 +492,17 @@ mod tests {
         assert_eq!(
             topology.retry_queue(Service::Payment, 2),
             "ns1.payment.retry.2"
+        );
+        assert_eq!(
+            topology.outbox_route(Service::Inventory),
+            "ns1.inventory.outbox"
+        );
+        assert!(
+            topology
+                .all_queues()
+                .iter()
+                .all(|q| q.work != topology.outbox_route(q.subscription.service)),
+            "parked events never reach a work queue's dead-letter queue"
         );
         assert!(
             topology
