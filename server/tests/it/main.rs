@@ -10,6 +10,7 @@ mod tap;
 mod failures;
 mod observability;
 mod otlp;
+mod outbox;
 mod place_order;
 mod process;
 mod readme;
