@@ -14,6 +14,7 @@ use orderflow_proto::orderflow::v1::{self as pb, OrderStatus};
 use orderflow_server::{
     bus::{Topology, message::header_str, topology::header},
     config::{Config, DeclareTopology},
+    db::schema_name,
     service::Service,
 };
 use prost::Message as _;
@@ -23,6 +24,7 @@ use crate::{
         TestApp, WAIT, eventually, order_request, raw_connection, scrape, series, spawn_app_with,
         unique_namespace,
     },
+    pg_database::PgDatabase,
     tap::tap,
 };
 
@@ -96,17 +98,33 @@ impl MissingBinding {
     }
 }
 
-/// Rows in `service`'s outbox, read from its database file.
+/// Rows in `service`'s outbox, read from its SQLite file or its PostgreSQL schema.
 async fn outbox_len(app: &TestApp, service: Service) -> i64 {
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.db_path(service).display()))
-        .await
-        .expect("database opens");
-    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    n
+    let count = |table: String| format!("SELECT COUNT(*) FROM {table}");
+    match &app.config.database_url {
+        None => {
+            let url = format!("sqlite://{}", app.db_path(service).display());
+            let pool = sqlx::SqlitePool::connect(&url).await.expect("SQLite opens");
+            let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(count("outbox".into())))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            n
+        }
+        Some(url) => {
+            let pool = sqlx::PgPool::connect(url.expose())
+                .await
+                .expect("PostgreSQL");
+            let table = format!("{}.outbox", schema_name(&app.namespace, service));
+            let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(count(table)))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            n
+        }
+    }
 }
 
 /// How many of `customer`'s orders are in each status.
@@ -135,21 +153,40 @@ async fn statuses_of(app: &TestApp, customer: &str) -> HashMap<OrderStatus, usiz
     }
 }
 
+/// Retried quickly, and never parked within a test: only the binding decides.
+fn quick_retries(c: &mut Config) {
+    c.outbox_max_attempts = 100;
+    c.outbox_initial_delay = std::time::Duration::from_millis(20);
+    c.outbox_max_delay = std::time::Duration::from_millis(250);
+}
+
 /// The bug this guards against: the relay took the oldest rows every round, so a few hundred
 /// unroutable rows at the head stopped every event of the service behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_binding_under_load_holds_back_only_its_own_events() {
-    const REJECTED: usize = 300;
     let missing = MissingBinding::new().await;
-    let app = missing
-        .spawn(|c| {
-            // Retried quickly, and never parked within the test: only the binding decides.
-            c.outbox_max_attempts = 100;
-            c.outbox_initial_delay = std::time::Duration::from_millis(20);
-            c.outbox_max_delay = std::time::Duration::from_millis(250);
-        })
-        .await;
+    let app = missing.spawn(quick_retries).await;
+    holds_back_only_its_own_events(&missing, &app).await;
+}
 
+/// The same on PostgreSQL with two instances of every service, whose relays claim rows with
+/// `FOR UPDATE SKIP LOCKED` and share the rows' retry state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_postgresql_hold_back_only_the_refused_events() {
+    let database = PgDatabase::create().await;
+    let url = database.url.parse().expect("database URL");
+    let missing = MissingBinding::new().await;
+    let on_postgres = |c: &mut Config| {
+        quick_retries(c);
+        c.database_url = Some(url);
+    };
+    let app = missing.spawn(on_postgres.clone()).await;
+    let _second = missing.spawn(on_postgres).await;
+    holds_back_only_its_own_events(&missing, &app).await;
+}
+
+async fn holds_back_only_its_own_events(missing: &MissingBinding, app: &TestApp) {
+    const REJECTED: usize = 300;
     // Orders for an unknown SKU: Inventory rejects each, and its InventoryRejected is unroutable.
     futures_util::stream::iter(0..REJECTED)
         .map(|_| {
@@ -165,7 +202,7 @@ async fn a_missing_binding_under_load_holds_back_only_its_own_events() {
         .await
         .expect("PlaceOrder succeeds");
     eventually("every rejection waiting in Inventory's outbox", || async {
-        outbox_len(&app, Service::Inventory).await == REJECTED as i64
+        outbox_len(app, Service::Inventory).await == REJECTED as i64
     })
     .await;
 
@@ -177,23 +214,23 @@ async fn a_missing_binding_under_load_holds_back_only_its_own_events() {
         "a valid order completes while the binding is still missing"
     );
     assert_eq!(
-        statuses_of(&app, "unknown").await,
+        statuses_of(app, "unknown").await,
         HashMap::from([(OrderStatus::Pending, REJECTED)]),
         "the rejections are still held back"
     );
     assert_eq!(
-        outbox_len(&app, Service::Inventory).await,
+        outbox_len(app, Service::Inventory).await,
         REJECTED as i64,
         "and still stored: none dropped, none parked"
     );
 
     missing.restore().await;
     eventually("every rejection delivered once routable", || async {
-        statuses_of(&app, "unknown").await == HashMap::from([(OrderStatus::Rejected, REJECTED)])
+        statuses_of(app, "unknown").await == HashMap::from([(OrderStatus::Rejected, REJECTED)])
     })
     .await;
     eventually("Inventory's outbox empty", || async {
-        outbox_len(&app, Service::Inventory).await == 0
+        outbox_len(app, Service::Inventory).await == 0
     })
     .await;
 }
