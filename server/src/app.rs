@@ -388,6 +388,7 @@ impl Wiring {
             outbox.clone(),
             publisher.clone(),
             topology,
+            config.outbox_policy(),
             metrics.clone(),
         );
         stages

@@ -5,6 +5,7 @@
 //! - [`Broker`]: the supervised, self-healing connection;
 //! - [`Publisher`]: confirmed, mandatory publishing;
 //! - [`Consumer`]: the consume loop and the one place deliveries are settled;
+//! - [`failure`]: the headers a failed message's copy carries;
 //! - [`dead_letters`]: what a dead letter is, read from the intake, and how it is replayed;
 //! - [`propagation`]: trace context in message headers.
 //!
@@ -14,6 +15,7 @@ mod broker;
 mod consumer;
 pub mod dead_letters;
 mod event;
+pub mod failure;
 pub mod management;
 pub mod message;
 mod outcome;

@@ -88,6 +88,24 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_RETRY_MAX_DELAY", default_value = "30s", value_parser = humantime::parse_duration)]
     pub retry_max_delay: Duration,
 
+    /// Publishes of one outbox event the broker may refuse (unroutable: no queue bound for its
+    /// routing key; or nacked) before the event is parked in the dead-letter queue. Later
+    /// events keep flowing meanwhile. With the default delays, 15 attempts span about five
+    /// minutes: long enough to ride out a binding missing during a deploy, short enough that
+    /// an order stuck behind a real mistake is FAILED and visible soon.
+    #[arg(long, env = "ORDERFLOW_OUTBOX_MAX_ATTEMPTS", default_value_t = 15)]
+    pub outbox_max_attempts: u32,
+
+    /// Delay before an outbox event the broker refused is published again; each further
+    /// refusal doubles it (with ±20% jitter). A broker outage does not count as a refusal.
+    #[arg(long, env = "ORDERFLOW_OUTBOX_INITIAL_DELAY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub outbox_initial_delay: Duration,
+
+    /// Upper bound of an outbox retry delay: also the longest an event waits once its route
+    /// is back.
+    #[arg(long, env = "ORDERFLOW_OUTBOX_MAX_DELAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub outbox_max_delay: Duration,
+
     /// How many times the broker redelivers a message that was never acknowledged (e.g. the
     /// process crashed while handling it) before dead-lettering it.
     #[arg(long, env = "ORDERFLOW_DELIVERY_LIMIT", default_value_t = 20)]
@@ -426,6 +444,16 @@ impl Config {
                     .to_owned(),
             );
         }
+        if self.outbox_max_attempts == 0 || self.outbox_max_attempts > 100 {
+            problems.push("--outbox-max-attempts: must be between 1 and 100".to_owned());
+        }
+        if self.outbox_initial_delay.is_zero() || self.outbox_initial_delay > self.outbox_max_delay
+        {
+            problems.push(
+                "--outbox-initial-delay: must be above zero and at most --outbox-max-delay"
+                    .to_owned(),
+            );
+        }
         for (flag, path) in [
             ("--tls-cert", &self.tls_cert),
             ("--tls-key", &self.tls_key),
@@ -481,6 +509,15 @@ impl Config {
             max_attempts: self.retry_max_attempts,
             initial_delay: self.retry_initial_delay,
             max_delay: self.retry_max_delay,
+        }
+    }
+
+    /// How the outbox relays retry events the broker refused, and when they give up.
+    pub fn outbox_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.outbox_max_attempts,
+            initial_delay: self.outbox_initial_delay,
+            max_delay: self.outbox_max_delay,
         }
     }
 }

@@ -39,6 +39,8 @@ struct Inner {
     consumed: LabelledCounters,
     retried: LabelledCounters,
     dead_lettered: LabelledCounters,
+    outbox_retried: LabelledCounters,
+    outbox_parked: LabelledCounters,
     handler_seconds: Mutex<BTreeMap<Vec<(&'static str, String)>, Histogram>>,
     saga_seconds: Histogram,
     probes: Mutex<Vec<Probe>>,
@@ -95,6 +97,16 @@ impl Metrics {
         self.inner.dead_lettered.add(labels(service, kind), 1);
     }
 
+    /// The broker refused `service`'s publish of an event of `kind`; it is retried later.
+    pub fn outbox_retried(&self, service: &'static str, kind: &str) {
+        self.inner.outbox_retried.add(labels(service, kind), 1);
+    }
+
+    /// `service` parked an outbox event of `kind` the broker kept refusing.
+    pub fn outbox_parked(&self, service: &'static str, kind: &str) {
+        self.inner.outbox_parked.add(labels(service, kind), 1);
+    }
+
     /// Adds a reading taken at every scrape.
     pub fn probe(&self, probe: Probe) {
         self.inner
@@ -137,6 +149,16 @@ impl Metrics {
             &mut out,
             "orderflow_events_dead_lettered_total",
             "Deliveries moved to a dead-letter queue.",
+        );
+        i.outbox_retried.render(
+            &mut out,
+            "orderflow_outbox_retries_total",
+            "Outbox publishes the broker refused (unroutable or nacked), to be retried.",
+        );
+        i.outbox_parked.render(
+            &mut out,
+            "orderflow_outbox_parked_total",
+            "Outbox events the broker kept refusing, moved to the dead-letter queue.",
         );
         registry::render_histograms(
             &mut out,
@@ -190,6 +212,7 @@ mod tests {
         metrics.order_placed();
         metrics.order_finished("completed", Duration::from_millis(30));
         metrics.published("order-service", "orderflow.v1.OrderCreated");
+        metrics.outbox_parked("inventory-service", "orderflow.v1.InventoryRejected");
         metrics.consumed(
             "inventory-service",
             "orderflow.v1.OrderCreated",
@@ -214,6 +237,9 @@ mod tests {
         );
         assert!(text.contains(
             "orderflow_events_published_total{service=\"order-service\",type=\"orderflow.v1.OrderCreated\"} 1\n"
+        ));
+        assert!(text.contains(
+            "orderflow_outbox_parked_total{service=\"inventory-service\",type=\"orderflow.v1.InventoryRejected\"} 1\n"
         ));
         assert!(
             text.contains("orderflow_saga_duration_seconds_bucket{le=\"0.05\"} 1\n"),

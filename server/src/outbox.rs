@@ -2,9 +2,13 @@
 //! [`Outbox::stage`], on the same connection and in the same transaction as the change, so
 //! either both are committed or neither. The [`relay`] publishes committed rows with publisher
 //! confirms and deletes them; a crash between commit and publish only delays the publish until
-//! the relay runs again, and nothing that was rolled back is ever published.
+//! the relay runs again, and nothing that was rolled back is ever published. A row the broker
+//! refuses backs off on its own and is finally parked as a dead letter, never dropped.
 
+mod park;
 pub mod relay;
+mod store;
+mod verdict;
 
 use std::sync::Arc;
 

@@ -20,11 +20,12 @@ use tracing::{Instrument as _, debug, error, info, warn};
 
 use super::{
     Broker, HandleError, Incoming, Link, Outgoing, Publisher, RetryPolicy,
-    message::{header_str, republishable, text},
+    failure::Failure,
+    message::republishable,
     outcome::{Settlement, settle},
     topology::{QueueNames, header},
 };
-use crate::{metrics::Metrics, service::Service, time::rfc3339};
+use crate::{metrics::Metrics, service::Service};
 
 /// What [`Consumer::settle`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,13 +338,7 @@ impl<P: Processor> Consumer<P> {
                 let mut copy = self.failure_copy(incoming, error);
                 copy.exchange = self.queue.dead_letter.exchange.clone();
                 copy.routing_key = self.queue.dead_letter.routing_key.clone();
-                Some(
-                    copy.with_header(header::DEAD_LETTER_REASON, text(reason.as_str()))
-                        .with_header(
-                            header::ATTEMPT,
-                            lapin::types::AMQPValue::LongLongInt(i64::from(attempt)),
-                        ),
-                )
+                Some(copy.dead_lettered(reason.as_str(), attempt))
             }
             (_, Ok(())) => unreachable!("settle() only retries or dead-letters failures"),
         };
@@ -386,46 +381,23 @@ impl<P: Processor> Consumer<P> {
 
     /// A copy of `incoming` (body untouched) carrying the failure's context in its headers.
     fn failure_copy(&self, incoming: &Incoming, error: &HandleError) -> Outgoing {
-        let now = rfc3339(SystemTime::now());
         let delivery = &incoming.delivery;
-        let original = incoming.headers();
-        let keep = |key: &str, fallback: &str| {
-            text(
-                original
-                    .and_then(|h| header_str(h, key))
-                    .unwrap_or(fallback)
-                    .to_owned(),
-            )
-        };
-        let properties = republishable(&delivery.properties);
-        let mut copy = Outgoing {
+        let copy = Outgoing {
             exchange: String::new(),
             routing_key: String::new(),
-            properties,
+            properties: republishable(&delivery.properties),
             body: delivery.data.clone(),
         };
-        copy = copy
-            .with_header(
-                header::ORIGINAL_EXCHANGE,
-                keep(header::ORIGINAL_EXCHANGE, delivery.exchange.as_str()),
-            )
-            .with_header(
-                header::ORIGINAL_ROUTING_KEY,
-                keep(header::ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str()),
-            )
-            .with_header(
-                header::FIRST_FAILURE_AT,
-                keep(header::FIRST_FAILURE_AT, &now),
-            )
-            .with_header(header::LAST_FAILURE_AT, text(now))
-            .with_header(header::QUEUE, text(self.queue.work.clone()))
-            .with_header(header::FAILING_SERVICE, text(self.service.service_name()))
-            .with_header(header::ERROR_KIND, text(error.kind()))
-            .with_header(
-                header::LAST_ERROR,
-                text(truncate(&format!("{error}"), 2048)),
-            );
-        copy
+        copy.with_failure(&Failure {
+            exchange: delivery.exchange.as_str(),
+            routing_key: delivery.routing_key.as_str(),
+            queue: &self.queue.work,
+            service: self.service,
+            kind: error.kind(),
+            error: error.to_string(),
+            first_failed_at: None,
+            failed_at: SystemTime::now(),
+        })
     }
 }
 
@@ -436,23 +408,4 @@ fn panicked(panic: Box<dyn std::any::Any + Send>) -> HandleError {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned());
     HandleError::transient(anyhow::anyhow!("handler panicked: {message}"))
-}
-
-fn truncate(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn truncates_on_char_boundary() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("abc", 10), "abc");
-    }
 }

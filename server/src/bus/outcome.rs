@@ -44,6 +44,10 @@ pub enum DeadLetterReason {
     PermanentError,
     /// Transient failures used up every attempt.
     MaxAttempts,
+    /// The outbox relay's publish was returned unroutable on every attempt.
+    Unroutable,
+    /// The broker nacked the outbox relay's publish on every attempt.
+    Nacked,
 }
 
 impl DeadLetterReason {
@@ -52,6 +56,8 @@ impl DeadLetterReason {
         match self {
             DeadLetterReason::PermanentError => "permanent-error",
             DeadLetterReason::MaxAttempts => "max-attempts",
+            DeadLetterReason::Unroutable => "unroutable",
+            DeadLetterReason::Nacked => "nacked",
         }
     }
 }

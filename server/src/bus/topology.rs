@@ -226,16 +226,17 @@ impl Topology {
         format!("{}.dead-letters", self.namespace)
     }
 
+    /// `<ns>.<service>.outbox`: the routing key on the dead-letter exchange of outbox events
+    /// the broker kept refusing (parked by the relay), and the `queue` their headers name:
+    /// Order's intake takes it, and the dead-letter store lists it as a source of its own.
+    pub fn outbox_route(&self, service: Service) -> String {
+        format!("{}.{}.outbox", self.namespace, service.as_str())
+    }
+
     /// `<ns>.<service>.retry.<attempt>`: exchange and queue holding messages that failed their
     /// `attempt`-th delivery until their backoff expires.
     pub fn retry_queue(&self, service: Service, attempt: u32) -> String {
         format!("{}.{}.retry.{attempt}", self.namespace, service.as_str())
-    }
-
-    /// `<ns>.<service>.outbox`: where rows that `service`'s outbox relay could not route are
-    /// said to come from when they are dead-lettered.
-    pub fn outbox_source(&self, service: Service) -> String {
-        format!("{}.{}.outbox", self.namespace, service.as_str())
     }
 
     /// Number of delayed-retry levels per service.
@@ -557,6 +558,17 @@ mod tests {
         assert_eq!(
             topology.retry_queue(Service::Payment, 2),
             "ns1.payment.retry.2"
+        );
+        assert_eq!(
+            topology.outbox_route(Service::Inventory),
+            "ns1.inventory.outbox"
+        );
+        assert!(
+            topology
+                .all_queues()
+                .iter()
+                .all(|q| q.work != topology.outbox_route(q.subscription.service)),
+            "parked events never reach a work queue's dead-letter queue"
         );
         assert!(
             topology

@@ -41,7 +41,7 @@ pub fn sources(topology: &Topology) -> Vec<Source> {
         service: q.subscription.service,
     });
     let outboxes = Service::ALL.into_iter().map(|service| Source {
-        name: topology.outbox_source(service),
+        name: topology.outbox_route(service),
         service,
     });
     queues.chain(outboxes).collect()

@@ -1,76 +1,86 @@
 //! The outbox relay: publishes committed outbox rows in order, waits for the broker's confirms,
-//! then deletes them. Woken right after each commit for low latency, and by a timer as a
-//! safety net. On shutdown it drains what it can before returning.
+//! then deletes them. Woken right after each commit for low latency, when the soonest row
+//! backing off is due, and by a timer as a safety net. On shutdown it drains what is due.
+//!
+//! One bad row never stalls the rest: a row the broker refuses (returned unroutable, or
+//! nacked) waits out its own backoff while the rows behind it flow ([`super::verdict`]), and
+//! after the last attempt it is parked in the dead-letter queue ([`super::park`]). A broker
+//! outage is nobody's fault: it costs no row an attempt, and the whole relay backs off.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use lapin::types::FieldTable;
-use sqlx::FromRow;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, info, warn};
+use tracing::{Instrument as _, debug, error, info, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use super::Outbox;
+use super::{
+    Outbox,
+    park::{Destination, Refused},
+    store::{self, Claim, Reschedule, Row},
+    verdict::{self, Verdict},
+};
 use crate::{
-    bus::{Outgoing, Publisher, dead_letters, message, propagation, topology::Topology},
+    bus::{
+        DeadLetterReason, Outgoing, PublishError, Publisher, RetryPolicy, dead_letters, message,
+        propagation, topology::Topology,
+    },
     db::{Backend, Database},
     metrics::Metrics,
+    time,
 };
 
 /// Rows published per round trip; the confirms of a batch are awaited together.
 const BATCH: i64 = 256;
-/// How often the relay looks even when nobody woke it (e.g. rows left by a crash).
+/// How often the relay looks even when nobody woke it (e.g. rows left by a crash, or
+/// rescheduled by another instance).
 const POLL: Duration = Duration::from_secs(1);
+/// Longest pause of the whole relay while the broker cannot be reached.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Confirmed rows are done; a crash before this delete republishes them, and consumers drop
-/// the duplicate by message id.
-async fn delete(conn: &mut sqlx::AnyConnection, seqs: &[i64]) -> sqlx::Result<()> {
-    if seqs.is_empty() {
-        return Ok(());
-    }
-    let placeholders: Vec<String> = (1..=seqs.len()).map(|i| format!("${i}")).collect();
-    let sql = format!(
-        "DELETE FROM outbox WHERE seq IN ({})",
-        placeholders.join(",")
-    );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for seq in seqs {
-        query = query.bind(seq);
-    }
-    query.execute(conn).await?;
-    Ok(())
+/// What one round did.
+#[derive(Debug, Default)]
+struct Round {
+    /// Rows taken: every row due when the round started, up to a batch.
+    claimed: usize,
+    /// Rows whose fate was decided and written: published, parked or rescheduled.
+    settled: usize,
+    /// Why some rows could not be tried at all (broker unreachable); they stay as they were.
+    outage: Option<PublishError>,
+    /// When the soonest row rescheduled in this round is due again.
+    next_due: Option<Instant>,
 }
 
-/// A round's result: rows published, or the error if none could be (later rows of a failed
-/// batch are retried next round, in order).
-fn settled(published: usize, error: Option<crate::bus::PublishError>) -> anyhow::Result<usize> {
-    match error {
-        Some(error) if published == 0 => Err(error.into()),
-        _ => Ok(published),
+/// The writes a round ends with, in one transaction.
+#[derive(Debug, Default)]
+struct Writes {
+    delete: Vec<i64>,
+    reschedule: Vec<Reschedule>,
+}
+
+impl Writes {
+    fn len(&self) -> usize {
+        self.delete.len() + self.reschedule.len()
+    }
+
+    async fn apply(&self, conn: &mut sqlx::AnyConnection) -> sqlx::Result<()> {
+        store::delete(conn, &self.delete).await?;
+        store::reschedule(conn, &self.reschedule).await
     }
 }
 
-#[derive(Debug, FromRow)]
-struct Row {
-    seq: i64,
-    message_id: String,
-    routing_key: String,
-    message_type: String,
-    correlation_id: String,
-    body: Vec<u8>,
-    trace_context: String,
-    created_at: i64,
-    /// Set for forwarded messages (replays); `None` is the events exchange.
-    exchange: Option<String>,
-    /// Set for forwarded messages: their own properties (JSON).
-    properties: Option<String>,
-}
-
-impl Row {
-    fn exchange<'a>(&'a self, events: &'a str) -> &'a str {
-        self.exchange.as_deref().unwrap_or(events)
-    }
+/// A row refused for the last time, waiting for its park publish.
+#[derive(Debug)]
+struct Parking {
+    index: usize,
+    attempt: u32,
+    reason: DeadLetterReason,
+    error: PublishError,
 }
 
 /// Publishes one service's outbox.
@@ -80,125 +90,151 @@ pub struct Relay {
     outbox: Outbox,
     publisher: Arc<Publisher>,
     exchange: String,
+    parking: Destination,
+    policy: RetryPolicy,
     metrics: Metrics,
 }
 
 impl Relay {
-    /// A relay from `db`'s outbox table to the events exchange of `topology`.
+    /// A relay from `db`'s outbox table to the events exchange of `topology`; rows the broker
+    /// refuses are retried, then parked, as `policy` says.
     pub fn new(
         db: Database,
         outbox: Outbox,
         publisher: Arc<Publisher>,
         topology: &Topology,
+        policy: RetryPolicy,
         metrics: Metrics,
     ) -> Self {
+        let service = outbox.service();
         Relay {
             db,
             outbox,
             publisher,
             exchange: topology.events_exchange(),
+            parking: Destination {
+                exchange: topology.dead_letter_exchange(),
+                route: topology.outbox_route(service),
+                service,
+            },
+            policy,
             metrics,
         }
     }
 
-    /// Relays until `stop`; then drains the outbox while the broker takes messages.
+    fn service(&self) -> &'static str {
+        self.outbox.service().service_name()
+    }
+
+    /// Relays until `stop`; then drains the rows that are due while the broker takes messages.
+    /// Rows backing off stay for the next start.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let mut failures = 0u32;
+        let mut next_due: Option<Instant> = None;
         loop {
-            match self.relay_batch().await {
-                Ok(0) if stop.is_cancelled() => break,
-                Ok(0) => {
-                    failures = 0;
-                    tokio::select! {
-                        _ = self.outbox.woken() => {}
-                        _ = tokio::time::sleep(POLL) => {}
-                        _ = stop.cancelled() => {}
+            let failure = match self.round().await {
+                Ok(round) => {
+                    next_due = soonest(next_due, round.next_due);
+                    match round.outage {
+                        // Nothing got through: the broker is away, not one row at fault.
+                        Some(outage) if round.settled == 0 => Some(anyhow::Error::from(outage)),
+                        _ if round.claimed > 0 => {
+                            failures = 0;
+                            continue;
+                        }
+                        _ => None,
                     }
                 }
-                Ok(_) => failures = 0,
-                Err(error) => {
-                    failures += 1;
-                    if stop.is_cancelled() {
-                        warn!(
-                            service = self.outbox.service().service_name(),
-                            error = %format!("{error:#}"),
-                            "Outbox not drained at shutdown; the rest is published on the next start."
-                        );
-                        break;
-                    }
-                    let delay =
-                        Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(BACKOFF_MAX);
-                    // One warning per outage, not one per retry.
-                    if failures == 1 {
-                        warn!(
-                            service = self.outbox.service().service_name(),
-                            error = %format!("{error:#}"),
-                            "Outbox relay cannot publish; events stay stored and are retried."
-                        );
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.cancelled() => {}
-                    }
+                Err(error) => Some(error),
+            };
+            let Some(error) = failure else {
+                // Nothing due.
+                if stop.is_cancelled() {
+                    break;
                 }
+                failures = 0;
+                let now = Instant::now();
+                next_due = next_due.filter(|due| *due > now);
+                let wake_at = next_due.map_or(now + POLL, |due| due.min(now + POLL));
+                tokio::select! {
+                    _ = self.outbox.woken() => {}
+                    _ = tokio::time::sleep_until(wake_at) => {}
+                    _ = stop.cancelled() => {}
+                }
+                continue;
+            };
+            failures += 1;
+            if stop.is_cancelled() {
+                warn!(
+                    service = self.service(),
+                    error = %format!("{error:#}"),
+                    "Outbox not drained at shutdown; the rest is published on the next start."
+                );
+                break;
+            }
+            let delay = Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(BACKOFF_MAX);
+            // One warning per outage, not one per retry.
+            if failures == 1 {
+                warn!(
+                    service = self.service(),
+                    error = %format!("{error:#}"),
+                    "Outbox relay cannot publish; events stay stored and are retried."
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => {}
             }
         }
-        debug!(
-            service = self.outbox.service().service_name(),
-            "Outbox relay stopped."
-        );
+        debug!(service = self.service(), "Outbox relay stopped.");
         Ok(())
     }
 
-    /// Publishes up to one batch; returns how many rows were published and deleted.
+    /// Takes up to one batch of due rows, publishes them and writes down what became of each.
     ///
-    /// SQLite: one relay per database file reads the oldest rows, publishes, and deletes them
-    /// in a short transaction (holding the file's write lock across a broker round trip would
-    /// stall every writer). PostgreSQL: every instance's relay claims rows with
-    /// `FOR UPDATE SKIP LOCKED` in a transaction that lasts until they are deleted, so two
-    /// relays never publish the same row.
-    async fn relay_batch(&self) -> anyhow::Result<usize> {
-        const SELECT: &str = "SELECT seq, message_id, routing_key, message_type, correlation_id, body, trace_context, created_at, exchange, properties
-             FROM outbox ORDER BY seq LIMIT $1";
+    /// SQLite: one relay per database file reads the due rows, publishes, and writes in a short
+    /// transaction (holding the file's write lock across a broker round trip would stall every
+    /// writer). PostgreSQL: every instance's relay claims rows with `FOR UPDATE SKIP LOCKED` in
+    /// a transaction that lasts until they are deleted or rescheduled, so two relays never
+    /// publish the same row, nor count the same refusal twice.
+    async fn round(&self) -> anyhow::Result<Round> {
+        let now = time::now_micros();
         match self.db.backend() {
             Backend::Sqlite => {
-                let rows: Vec<Row> = sqlx::query_as(SELECT)
-                    .bind(BATCH)
-                    .fetch_all(self.db.pool())
-                    .await?;
+                let rows = {
+                    let mut conn = self.db.pool().acquire().await?;
+                    store::due(&mut conn, now, BATCH, Claim::Read).await?
+                };
                 if rows.is_empty() {
-                    return Ok(0);
+                    return Ok(Round::default());
                 }
-                let (published, error) = self.publish(&rows).await;
-                if !published.is_empty() {
+                let (round, writes) = self.relay(&rows).await;
+                if writes.len() > 0 {
                     let mut tx = self.db.begin_unsynced().await?;
-                    delete(&mut tx, &published).await?;
+                    writes.apply(&mut tx).await?;
                     tx.commit().await?;
                 }
-                settled(published.len(), error)
+                Ok(round)
             }
             Backend::Postgres => {
                 let mut tx = self.db.begin().await?;
-                let claim = format!("{SELECT} FOR UPDATE SKIP LOCKED");
-                let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(claim))
-                    .bind(BATCH)
-                    .fetch_all(&mut *tx)
-                    .await?;
+                let rows = store::due(&mut tx, now, BATCH, Claim::SkipLocked).await?;
                 if rows.is_empty() {
                     tx.rollback().await?;
-                    return Ok(0);
+                    return Ok(Round::default());
                 }
-                let (published, error) = self.publish(&rows).await;
-                delete(&mut tx, &published).await?;
+                let (round, writes) = self.relay(&rows).await;
+                writes.apply(&mut tx).await?;
                 tx.commit().await?;
-                settled(published.len(), error)
+                Ok(round)
             }
         }
     }
 
-    /// Publishes `rows` with confirms; returns the `seq`s the broker took and the first error.
-    async fn publish(&self, rows: &[Row]) -> (Vec<i64>, Option<crate::bus::PublishError>) {
-        let service = self.outbox.service().service_name();
+    /// Publishes `rows` with confirms and decides each one's fate; parks the rows refused for
+    /// the last time. Nothing is written yet: a row is deleted only with its confirm in hand.
+    async fn relay(&self, rows: &[Row]) -> (Round, Writes) {
+        let service = self.service();
         let spans: Vec<tracing::Span> = rows.iter().map(|row| self.publish_span(row)).collect();
         let messages: Vec<Outgoing> = rows
             .iter()
@@ -210,10 +246,15 @@ impl Relay {
             .publish_all(&messages)
             .instrument(tracing::Span::none())
             .await;
-        let mut published = Vec::with_capacity(rows.len());
-        let mut first_error = None;
-        for ((row, span), result) in rows.iter().zip(&spans).zip(results) {
-            match result {
+        let mut round = Round {
+            claimed: rows.len(),
+            ..Round::default()
+        };
+        let mut writes = Writes::default();
+        let mut parking = Vec::new();
+        for (index, result) in results.into_iter().enumerate() {
+            let (row, span) = (&rows[index], &spans[index]);
+            let error = match result {
                 Ok(()) => {
                     let _entered = span.enter();
                     info!(
@@ -226,15 +267,142 @@ impl Relay {
                         "Published event."
                     );
                     self.metrics.published(service, &row.message_type);
-                    published.push(row.seq);
+                    writes.delete.push(row.seq);
+                    continue;
                 }
-                Err(error) => {
-                    crate::telemetry::record_error(span, "publish", &error);
-                    first_error.get_or_insert(error);
+                Err(error) => error,
+            };
+            crate::telemetry::record_error(span, "publish", &error);
+            match verdict::judge(&error, row.attempts(), &self.policy) {
+                Verdict::Outage => {
+                    round.outage.get_or_insert(error);
+                }
+                Verdict::Retry { attempt, delay } => {
+                    warn!(
+                        service,
+                        event.type = %row.message_type,
+                        order.id = %row.correlation_id,
+                        message.id = %row.message_id,
+                        routing_key = %row.routing_key,
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        error = %error,
+                        "The broker refused an outbox event; retrying it after a delay while later events go ahead."
+                    );
+                    self.metrics.outbox_retried(service, &row.message_type);
+                    writes
+                        .reschedule
+                        .push(self.reschedule(row, attempt, delay, &mut round));
+                }
+                Verdict::Park { attempt, reason } => parking.push(Parking {
+                    index,
+                    attempt,
+                    reason,
+                    error,
+                }),
+            }
+        }
+        if !parking.is_empty() {
+            self.park(rows, &messages, parking, &mut round, &mut writes)
+                .await;
+        }
+        round.settled = writes.len();
+        (round, writes)
+    }
+
+    /// Publishes the dead letters of rows refused for the last time, with confirms. A row is
+    /// deleted only once its dead letter is confirmed; if the park itself is refused, the row
+    /// stays and is tried again after a delay; if the broker is away, it stays untouched.
+    async fn park(
+        &self,
+        rows: &[Row],
+        messages: &[Outgoing],
+        parking: Vec<Parking>,
+        round: &mut Round,
+        writes: &mut Writes,
+    ) {
+        let service = self.service();
+        let now = SystemTime::now();
+        let copies: Vec<Outgoing> = parking
+            .iter()
+            .map(|p| {
+                let refused = Refused {
+                    message: &messages[p.index],
+                    attempt: p.attempt,
+                    reason: p.reason,
+                    error: p.error.to_string(),
+                    first_failed_at: rows[p.index].first_failed_at,
+                };
+                self.parking.copy(&refused, now)
+            })
+            .collect();
+        let results = self
+            .publisher
+            .publish_all(&copies)
+            .instrument(tracing::Span::none())
+            .await;
+        for (p, result) in parking.into_iter().zip(results) {
+            let row = &rows[p.index];
+            match result {
+                Ok(()) => {
+                    error!(
+                        service,
+                        event.type = %row.message_type,
+                        order.id = %row.correlation_id,
+                        message.id = %row.message_id,
+                        routing_key = %row.routing_key,
+                        attempt = p.attempt,
+                        reason = p.reason.as_str(),
+                        dead_letter.exchange = %self.parking.exchange,
+                        dead_letter.routing_key = %self.parking.route,
+                        error = %p.error,
+                        "The broker kept refusing an outbox event; parked it as a dead letter."
+                    );
+                    self.metrics.outbox_parked(service, &row.message_type);
+                    writes.delete.push(row.seq);
+                }
+                Err(park_error) if verdict::is_outage(&park_error) => {
+                    round.outage.get_or_insert(park_error);
+                }
+                Err(park_error) => {
+                    let delay = self.policy.delay(p.attempt);
+                    warn!(
+                        service,
+                        event.type = %row.message_type,
+                        order.id = %row.correlation_id,
+                        message.id = %row.message_id,
+                        routing_key = %row.routing_key,
+                        attempt = p.attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        dead_letter.routing_key = %self.parking.route,
+                        error = %park_error,
+                        "Could not park a refused outbox event; it stays in the outbox and is tried again."
+                    );
+                    writes
+                        .reschedule
+                        .push(self.reschedule(row, p.attempt, delay, round));
                 }
             }
         }
-        (published, first_error)
+    }
+
+    /// `row`'s next try after its `attempt`-th refusal, `delay` from now.
+    fn reschedule(
+        &self,
+        row: &Row,
+        attempt: u32,
+        delay: Duration,
+        round: &mut Round,
+    ) -> Reschedule {
+        let now = time::now_micros();
+        // Read after the wall clock, so the relay never wakes before the row is due.
+        round.next_due = soonest(round.next_due, Some(Instant::now() + delay));
+        Reschedule {
+            seq: row.seq,
+            attempts: attempt,
+            next_attempt_at: verdict::due_at(now, delay),
+            failed_at: now,
+        }
     }
 
     fn publish_span(&self, row: &Row) -> tracing::Span {
@@ -289,5 +457,13 @@ impl Relay {
             properties,
             body: row.body.clone(),
         }
+    }
+}
+
+/// The sooner of two optional instants.
+fn soonest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

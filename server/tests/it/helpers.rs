@@ -479,3 +479,31 @@ pub(crate) fn order_request(customer: &str, items: &[(&str, u32)]) -> pb::PlaceO
 pub(crate) fn statuses(updates: &[pb::OrderUpdate]) -> Vec<pb::OrderStatus> {
     updates.iter().map(|u| u.status()).collect()
 }
+
+/// GET /metrics over a plain TCP connection, as Prometheus does.
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(response.contains("Content-Type: text/plain; version=0.0.4"));
+    response.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// `name{labels} value` rows as a map from the full series name to its value.
+pub(crate) fn series(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or(f64::NAN)))
+        })
+        .collect()
+}

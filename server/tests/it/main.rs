@@ -10,6 +10,9 @@ mod tap;
 mod failures;
 mod observability;
 mod otlp;
+mod outbox;
+#[path = "../common/pg_database.rs"]
+mod pg_database;
 mod place_order;
 mod process;
 mod readme;

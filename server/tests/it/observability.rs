@@ -2,15 +2,14 @@
 //! received by a real OTLP receiver; the Prometheus endpoint scraped over HTTP; the RabbitMQ
 //! definitions file docker-compose loads checked against the topology the code declares.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use orderflow_proto::orderflow::v1::{self as pb, OrderStatus};
 use orderflow_server::{bus::Topology, fault::parse_rules};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
-    helpers::{WAIT, collector, order_request, raw_connection, spawn_app_with},
+    helpers::{WAIT, collector, order_request, raw_connection, scrape, series, spawn_app_with},
     otlp::{ReceivedSpan, SpanKind},
     tap::tap,
 };
@@ -254,33 +253,6 @@ async fn a_failed_delivery_marks_its_span_and_records_the_exception() {
         })
         .await;
     find(&spans, SpanKind::Consumer, &watcher, "order-service");
-}
-
-/// GET /metrics over a plain TCP connection, as Prometheus does.
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("metrics port");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
-    assert!(response.contains("Content-Type: text/plain; version=0.0.4"));
-    response.split_once("\r\n\r\n").unwrap().1.to_owned()
-}
-
-/// `name{labels} value` rows as a map from the full series name to its value.
-fn series(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            l.rsplit_once(' ')
-                .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or(f64::NAN)))
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,10 @@ use orderflow_server::{
 };
 use tonic::transport::Channel;
 
-use crate::harness::{self, Item, PgDatabase, Tap};
+use crate::{
+    harness::{self, Item, Tap},
+    pg_database::PgDatabase,
+};
 
 async fn two_of_each(
     items: &[Item],

@@ -9,6 +9,8 @@
 mod cluster;
 mod harness;
 mod instances;
+#[path = "../common/pg_database.rs"]
+mod pg_database;
 mod postgres;
 #[path = "../common/tap.rs"]
 mod tap;

@@ -10,7 +10,10 @@ use orderflow_server::{chaos::deployment::Deployment, service::Service};
 use sqlx::{Connection as _, PgConnection};
 use tonic::transport::Channel;
 
-use crate::harness::{self, Item, PgDatabase};
+use crate::{
+    harness::{self, Item},
+    pg_database::PgDatabase,
+};
 
 /// How long one order may take to finish on an idle deployment.
 const WATCH_LIMIT: Duration = Duration::from_secs(30);
