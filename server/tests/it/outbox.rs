@@ -48,22 +48,25 @@ impl MissingBinding {
             .declare(&channel)
             .await
             .unwrap();
-        let missing = MissingBinding {
+        MissingBinding {
             namespace,
             _conn: conn,
             channel,
-        };
-        missing
-            .channel
+        }
+    }
+
+    /// Removes the binding. Only once the apps are serving: verify refuses to start on a
+    /// topology that lacks one, and verify-only apps never declare it back.
+    async fn remove(&self) {
+        self.channel
             .queue_unbind(
-                missing.queue().as_str().into(),
-                missing.exchange().as_str().into(),
+                self.queue().as_str().into(),
+                self.exchange().as_str().into(),
                 Self::KEY.into(),
                 FieldTable::default(),
             )
             .await
             .unwrap();
-        missing
     }
 
     fn queue(&self) -> String {
@@ -166,6 +169,7 @@ fn quick_retries(c: &mut Config) {
 async fn a_missing_binding_under_load_holds_back_only_its_own_events() {
     let missing = MissingBinding::new().await;
     let app = missing.spawn(quick_retries).await;
+    missing.remove().await;
     holds_back_only_its_own_events(&missing, &app).await;
 }
 
@@ -182,6 +186,7 @@ async fn two_relays_on_postgresql_hold_back_only_the_refused_events() {
     };
     let app = missing.spawn(on_postgres.clone()).await;
     let _second = missing.spawn(on_postgres).await;
+    missing.remove().await;
     holds_back_only_its_own_events(&missing, &app).await;
 }
 
@@ -250,6 +255,7 @@ async fn an_event_refused_on_every_attempt_is_parked_as_a_dead_letter() {
             c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
         })
         .await;
+    missing.remove().await;
     let topology = app.topology();
     let route = topology.outbox_route(Service::Inventory);
     assert_eq!(route, format!("{}.inventory.outbox", app.namespace));
