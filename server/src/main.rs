@@ -10,6 +10,9 @@ use tracing::{error, info, warn};
 
 /// EX_USAGE: the configuration is invalid.
 const EXIT_USAGE: u8 = 64;
+/// The graceful shutdown ran out of `ORDERFLOW_SHUTDOWN_GRACE` with work unfinished (as
+/// `timeout(1)` reports a command it had to cut short), so a supervisor sees an unclean stop.
+const EXIT_GRACE_EXCEEDED: u8 = 124;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -53,10 +56,14 @@ async fn main() -> ExitCode {
             info!(signal = signal.unwrap_or("signal"), grace = ?grace, "Shutdown requested.");
             shutdown.cancel();
             tokio::select! {
-                result = tokio::time::timeout(grace, &mut run) => result.unwrap_or_else(|_| {
-                    warn!(grace = ?grace, "Graceful shutdown timed out; exiting anyway.");
-                    Ok(Ok(()))
-                }),
+                result = tokio::time::timeout(grace, &mut run) => match result {
+                    Ok(result) => result,
+                    Err(_) => {
+                        error!(grace = ?grace, exit_code = EXIT_GRACE_EXCEEDED, "Graceful shutdown timed out; exiting with work unfinished.");
+                        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+                        return ExitCode::from(EXIT_GRACE_EXCEEDED);
+                    }
+                },
                 _ = shutdown::signal_received() => {
                     warn!("Second signal; exiting immediately.");
                     return ExitCode::from(130);

@@ -21,10 +21,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::otlp::Collector;
 
-/// The broker tests use: `AMQP_URL` if set, else the local default.
-pub(crate) fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
+pub(crate) use crate::broker::amqp_url;
 
 /// Deadline for anything a test waits for.
 pub(crate) const WAIT: Duration = Duration::from_secs(20);

@@ -16,10 +16,7 @@ use sqlx::{Connection as _, Executor as _, PgConnection};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-/// The broker the other tests use: `AMQP_URL` if set, else the local default.
-pub(crate) fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
+pub(crate) use crate::broker::amqp_url;
 
 /// The PostgreSQL server: `ORDERFLOW_TEST_POSTGRES` if set (any database on it; tests create
 /// their own next to it), else the local one with trust auth.
@@ -166,10 +163,8 @@ pub(crate) async fn audit_settled(state: &State, accepted: &[String], items: &[I
         .await
         .expect("audit reads the databases");
     println!("{report:?}");
-    assert!(
-        report.problems.is_empty() && report.lost == 0 && report.duplicated == 0,
-        "{report:?}"
-    );
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(report.failed, 0, "no order FAILED: {report:?}");
     report
 }
 

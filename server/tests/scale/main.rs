@@ -6,6 +6,8 @@
 //! Each test has its own PostgreSQL database, broker namespace and data directory, so they run
 //! in parallel with each other; the cluster test's nodes do not touch the shared broker.
 
+#[path = "../common/broker.rs"]
+mod broker;
 mod cluster;
 mod harness;
 mod instances;
