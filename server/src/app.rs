@@ -457,17 +457,22 @@ fn outbox_backlog(service: Service, pool: AnyPool) -> metrics::Probe {
     Box::new(move || {
         let pool = pool.clone();
         Box::pin(async move {
-            let backlog: Result<(i64,), _> = sqlx::query_as("SELECT COUNT(*) FROM outbox")
-                .fetch_one(&pool)
-                .await;
+            // Bounded: with the database gone the pool waits for a connection far longer
+            // than a scrape may take, and the other readings (database_up first) must still
+            // come through.
+            let backlog = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM outbox").fetch_one(&pool),
+            )
+            .await;
             match backlog {
-                Ok((n,)) => vec![(
+                Ok(Ok((n,))) => vec![(
                     "orderflow_outbox_backlog",
                     "Events committed but not yet confirmed by the broker.",
                     vec![("service", service.service_name().to_owned())],
                     n as f64,
                 )],
-                Err(_) => vec![],
+                Ok(Err(_)) | Err(_) => vec![],
             }
         })
     })

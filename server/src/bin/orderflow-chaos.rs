@@ -125,6 +125,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             data_dir: dir.clone(),
             amqp_url: args.amqp_url.clone(),
             database_url: args.database_url,
+            sqlite_services: vec![],
             instances: args.instances,
             args: vec![
                 "--catalog".into(),

@@ -54,11 +54,20 @@ pub enum State {
         /// The deployment's namespace.
         namespace: String,
     },
+    /// Each service where it is (a mixed deployment).
+    Each(Vec<(Service, State)>),
 }
 
 impl State {
     async fn open(&self, service: Service) -> anyhow::Result<AnyPool> {
         let location = match self {
+            State::Each(states) => {
+                let (_, state) = states
+                    .iter()
+                    .find(|(s, _)| *s == service)
+                    .ok_or_else(|| anyhow::anyhow!("no state for {service}"))?;
+                return Box::pin(state.open(service)).await;
+            }
             State::Files(dir) => Location::File(dir),
             State::Postgres { url, namespace } => Location::Postgres {
                 url,

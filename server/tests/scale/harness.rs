@@ -135,6 +135,7 @@ pub(crate) fn settings(
         data_dir: dir.to_owned(),
         amqp_url,
         database_url,
+        sqlite_services: vec![],
         instances,
         args: vec![
             "--catalog".into(),

@@ -11,6 +11,7 @@ mod broker;
 mod cluster;
 mod harness;
 mod instances;
+mod outage;
 mod postgres;
 #[path = "../common/tap.rs"]
 mod tap;
