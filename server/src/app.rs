@@ -185,7 +185,11 @@ impl App {
                         metrics.clone(),
                     ));
                     let queues = DeadLetterQueues::new(wiring.broker.clone());
-                    metrics.probe(dead_letter_depths(queues.clone(), topology.clone()));
+                    metrics.probe(dead_letter_depths(
+                        queues.clone(),
+                        topology.clone(),
+                        wiring.broker.clone(),
+                    ));
                     dead_letter_api = Some(DeadLetterApi::new(queues, topology.clone()));
                 }
                 Service::Inventory => {
@@ -478,23 +482,37 @@ fn outbox_backlog(service: Service, pool: AnyPool) -> metrics::Probe {
     })
 }
 
-/// Messages in each dead-letter queue, read from the broker at scrape time.
-fn dead_letter_depths(queues: DeadLetterQueues, topology: Topology) -> metrics::Probe {
+/// Messages in each dead-letter queue, read from the broker at scrape time. Skipped while the
+/// broker blocks the connection (a resource alarm: it stops reading the socket, so the query
+/// would wait out the alarm), and bounded to 2 s so a slow broker cannot hold up the scrape.
+fn dead_letter_depths(
+    queues: DeadLetterQueues,
+    topology: Topology,
+    broker: Broker,
+) -> metrics::Probe {
     Box::new(move || {
-        let (queues, topology) = (queues.clone(), topology.clone());
+        let (queues, topology, blocked) = (queues.clone(), topology.clone(), broker.blocked());
         Box::pin(async move {
-            let mut rows = Vec::new();
-            for names in topology.all_queues() {
-                if let Ok(depth) = queues.depth(&names.dlq).await {
-                    rows.push((
-                        "orderflow_dlq_depth",
-                        "Messages in a dead-letter queue.",
-                        vec![("queue", names.dlq)],
-                        depth as f64,
-                    ));
-                }
+            if blocked {
+                return Vec::new();
             }
-            rows
+            let read = async {
+                let mut rows = Vec::new();
+                for names in topology.all_queues() {
+                    if let Ok(depth) = queues.depth(&names.dlq).await {
+                        rows.push((
+                            "orderflow_dlq_depth",
+                            "Messages in a dead-letter queue.",
+                            vec![("queue", names.dlq)],
+                            depth as f64,
+                        ));
+                    }
+                }
+                rows
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(2), read)
+                .await
+                .unwrap_or_default()
         })
     })
 }
