@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use sqlx::AnyPool;
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 use crate::{
@@ -24,6 +24,7 @@ use crate::{
     config::{Config, DeclareTopology},
     db::{self, Database, Location},
     fault::Faults,
+    health::{self, Dependencies},
     inbox::{DedupKey, Handler, Inbox},
     inventory::{catalog, handler::InventoryHandler},
     metrics::{self, Metrics},
@@ -132,7 +133,7 @@ impl App {
             config.delivery_limit,
         );
         let mut stages = Stages::default();
-        let mut brokers = Vec::new();
+        let mut dependencies = Vec::new();
         let mut order_api = None;
         let mut dead_letter_api = None;
 
@@ -146,7 +147,7 @@ impl App {
                 &metrics,
                 &mut stages,
             );
-            brokers.push(wiring.broker.clone());
+            dependencies.push(wiring.dependencies.clone());
             match service {
                 Service::Order => {
                     let hub = Hub::default();
@@ -226,9 +227,9 @@ impl App {
             .set_service_status("", ServingStatus::NotServing)
             .await;
         let serves_orders = order_api.is_some();
-        stages.intake_tasks.spawn(report_health(
+        stages.intake_tasks.spawn(health::report(
             health,
-            brokers,
+            dependencies,
             serves_orders,
             stages.intake.clone(),
         ));
@@ -354,6 +355,7 @@ struct Wiring {
     max_message_bytes: usize,
     faults: Faults,
     metrics: Metrics,
+    dependencies: Dependencies,
 }
 
 impl Wiring {
@@ -395,7 +397,15 @@ impl Wiring {
             .relay_tasks
             .spawn(relay.run(stages.relay_stop.clone()));
         metrics.probe(outbox_backlog(service, database.pool().clone()));
-        metrics.probe(connected(service, broker.clone()));
+        let (database_up, watch_database) =
+            health::watch_database(service, database.clone(), stages.intake.clone());
+        stages.intake_tasks.spawn(watch_database);
+        let dependencies = Dependencies {
+            service,
+            broker: broker.clone(),
+            database_up,
+        };
+        metrics.probe(health::probe(dependencies.clone()));
         let faults = Faults::for_service(&config.faults, service);
         if !faults.is_empty() {
             warn!(service = service.service_name(), faults = ?config.faults, "Fault injection is ON.");
@@ -411,6 +421,7 @@ impl Wiring {
             max_message_bytes: config.max_message_bytes,
             faults,
             metrics: metrics.clone(),
+            dependencies,
         }
     }
 
@@ -463,43 +474,36 @@ fn outbox_backlog(service: Service, pool: AnyPool) -> metrics::Probe {
     Box::new(move || {
         let pool = pool.clone();
         Box::pin(async move {
-            let backlog: Result<(i64,), _> = sqlx::query_as("SELECT COUNT(*) FROM outbox")
-                .fetch_one(&pool)
-                .await;
+            // Bounded: with the database gone the pool waits for a connection far longer
+            // than a scrape may take, and the other readings (database_up first) must still
+            // come through.
+            let backlog = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM outbox").fetch_one(&pool),
+            )
+            .await;
             match backlog {
-                Ok((n,)) => vec![(
+                Ok(Ok((n,))) => vec![(
                     "orderflow_outbox_backlog",
                     "Events committed but not yet confirmed by the broker.",
                     vec![("service", service.service_name().to_owned())],
                     n as f64,
                 )],
-                Err(_) => vec![],
+                Ok(Err(_)) | Err(_) => vec![],
             }
         })
     })
 }
 
-/// 1 while the service's broker connection is up.
-fn connected(service: Service, broker: Broker) -> metrics::Probe {
-    Box::new(move || {
-        let up = broker.current().is_some();
-        Box::pin(async move {
-            vec![(
-                "orderflow_broker_connected",
-                "1 while the service is connected to RabbitMQ.",
-                vec![("service", service.service_name().to_owned())],
-                f64::from(u8::from(up)),
-            )]
-        })
-    })
-}
-
-/// Dead letters kept per source, read from the store at scrape time.
+/// Dead letters kept per source, read from the store at scrape time (no broker involved, so a
+/// resource alarm does not hold it up).
 fn dead_letter_depths(store: DeadLetterStore, topology: Topology) -> metrics::Probe {
     Box::new(move || {
         let (store, topology) = (store.clone(), topology.clone());
         Box::pin(async move {
-            let Ok(mut depths) = store.depths().await else {
+            // Bounded, like the outbox backlog: a database outage must not hold up the scrape.
+            let read = tokio::time::timeout(std::time::Duration::from_secs(2), store.depths());
+            let Ok(Ok(mut depths)) = read.await else {
                 return vec![];
             };
             // Every known source, empty ones too, so a dashboard sees zero rather than nothing.
@@ -519,39 +523,6 @@ fn dead_letter_depths(store: DeadLetterStore, topology: Topology) -> metrics::Pr
                 .collect()
         })
     })
-}
-
-/// SERVING while every broker connection of this process is up, NOT_SERVING otherwise.
-async fn report_health(
-    health: HealthReporter,
-    brokers: Vec<Broker>,
-    serves_orders: bool,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut watches: Vec<_> = brokers.iter().map(Broker::subscribe).collect();
-    loop {
-        let up = watches.iter_mut().all(|w| w.borrow_and_update().is_some());
-        let status = if up {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        health.set_service_status("", status).await;
-        if serves_orders {
-            health
-                .set_service_status("orderflow.v1.OrderService", status)
-                .await;
-        }
-        let changed =
-            futures_util::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                health.set_service_status("", ServingStatus::NotServing).await;
-                return Ok(());
-            }
-            _ = changed => {}
-        }
-    }
 }
 
 fn unexpected_exit(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Error {

@@ -39,7 +39,7 @@ pub struct Report {
 impl Report {
     /// Whether every invariant held.
     pub fn passed(&self) -> bool {
-        self.audit.problems.is_empty() && self.audit.lost == 0 && self.audit.duplicated == 0
+        self.audit.passed()
     }
 }
 
@@ -60,7 +60,7 @@ impl fmt::Display for Report {
         writeln!(f, "  completed:          {}", a.completed)?;
         writeln!(f, "  rejected:           {}", a.rejected)?;
         writeln!(f, "  payment failed:     {}", a.payment_failed)?;
-        writeln!(f, "  failed (DLQ):       {}", a.failed)?;
+        writeln!(f, "  failed (DLQ):       {} (must be 0)", a.failed)?;
         writeln!(f, "  lost:               {} (must be 0)", a.lost)?;
         writeln!(f, "duplicated effects:   {} (must be 0)", a.duplicated)?;
         let placing = self.placing.as_secs_f64().max(0.001);
@@ -107,6 +107,8 @@ pub struct Settings {
     pub initial_stock: std::collections::HashMap<String, i64>,
     /// How long the system may take to finish in-flight orders after the run.
     pub settle_timeout: Duration,
+    /// The broker's control command, for the faults that need it.
+    pub rabbitmqctl: broker::Ctl,
 }
 
 /// Runs a deployment under orders and faults, then audits it. Stops its processes and deletes
@@ -157,7 +159,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<Report> {
             }
             let fault = settings.faults[rand::rng().random_range(0..settings.faults.len())];
             let at = started.elapsed();
-            let what = faults::inject(fault, &mut deployment, &namespace).await?;
+            let what =
+                faults::inject(fault, &mut deployment, &namespace, &settings.rabbitmqctl).await?;
             tracing::info!(fault = %fault, what = %what, "Injected a fault.");
             injected.push((at, format!("{fault}: {what}")));
         }

@@ -11,6 +11,7 @@ pub mod chaos;
 pub mod config;
 pub mod db;
 pub mod fault;
+pub mod health;
 pub mod inbox;
 pub mod inventory;
 pub mod metrics;

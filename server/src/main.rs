@@ -13,6 +13,9 @@ const EXIT_USAGE: u8 = 64;
 /// EX_CONFIG: the broker is configured wrongly for this configuration (`--declare-topology
 /// verify` found a different topology, or the management API refused the user).
 const EXIT_CONFIG: u8 = 78;
+/// The graceful shutdown ran out of `ORDERFLOW_SHUTDOWN_GRACE` with work unfinished (as
+/// `timeout(1)` reports a command it had to cut short), so a supervisor sees an unclean stop.
+const EXIT_GRACE_EXCEEDED: u8 = 124;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -56,10 +59,14 @@ async fn main() -> ExitCode {
             info!(signal = signal.unwrap_or("signal"), grace = ?grace, "Shutdown requested.");
             shutdown.cancel();
             tokio::select! {
-                result = tokio::time::timeout(grace, &mut run) => result.unwrap_or_else(|_| {
-                    warn!(grace = ?grace, "Graceful shutdown timed out; exiting anyway.");
-                    Ok(Ok(()))
-                }),
+                result = tokio::time::timeout(grace, &mut run) => match result {
+                    Ok(result) => result,
+                    Err(_) => {
+                        error!(grace = ?grace, exit_code = EXIT_GRACE_EXCEEDED, "Graceful shutdown timed out; exiting with work unfinished.");
+                        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+                        return ExitCode::from(EXIT_GRACE_EXCEEDED);
+                    }
+                },
                 _ = shutdown::signal_received() => {
                     warn!("Second signal; exiting immediately.");
                     return ExitCode::from(130);

@@ -1,7 +1,8 @@
 //! `orderflow-chaos`: runs the three services as separate processes under a stream of orders,
 //! injects broker restarts, dropped connections and killed or stopped services at random for a
-//! bounded time, then audits the result: orders placed, completed, failed, lost (must be 0),
-//! duplicated effects (must be 0). Exits 0 only if every invariant held. Loopback only.
+//! bounded time, then audits the result: orders placed, completed, failed (must be 0), lost
+//! (must be 0), duplicated effects (must be 0). Exits 0 only if every invariant held.
+//! Loopback only.
 
 use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -44,13 +45,17 @@ struct Args {
     /// The server binary (default: `orderflow-server` next to this one).
     #[arg(long)]
     server_bin: Option<PathBuf>,
-    /// RabbitMQ on this machine (faults use `rabbitmqctl`).
+    /// RabbitMQ on this machine (faults use its control command, `--rabbitmqctl`).
     #[arg(
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp_url: String,
+    /// The broker's control command line, split on whitespace (e.g. `rabbitmqctl`, or
+    /// `scripts/rabbitmq4.sh ctl` for another node).
+    #[arg(long, env = "RABBITMQCTL", default_value = "rabbitmqctl")]
+    rabbitmqctl: String,
     /// Keep the services' state in PostgreSQL (schemas `<namespace>_<service>`) instead of
     /// SQLite files; needed for `--instances` above 1.
     #[arg(long, env = "ORDERFLOW_DATABASE_URL")]
@@ -120,6 +125,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             data_dir: dir.clone(),
             amqp_url: args.amqp_url.clone(),
             database_url: args.database_url,
+            sqlite_services: vec![],
             instances: args.instances,
             args: vec![
                 "--catalog".into(),
@@ -148,6 +154,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .map(|(s, _, n)| ((*s).to_owned(), *n))
             .collect::<HashMap<_, _>>(),
         settle_timeout: Duration::from_secs(180),
+        rabbitmqctl: chaos::broker::Ctl::parse(&args.rabbitmqctl),
     };
     let report = chaos::run(settings).await?;
     println!("{report}");

@@ -2,7 +2,8 @@
 //! connects with backoff and jitter, declares the namespace's topology, publishes the live
 //! [`Link`] to everyone who waits for one, and starts over when the connection dies.
 //! Consumers and publishers never hold a connection across a reconnect: they ask for the
-//! current link and treat any channel error as "ask again".
+//! current link and treat any channel error as "ask again". It also follows the broker's
+//! `connection.blocked` notices (a resource alarm holding every publisher) for health.
 
 use std::{sync::Arc, time::Duration};
 
@@ -67,6 +68,8 @@ struct Inner {
     ca_cert: Option<String>,
     management_url: Option<ManagementUrl>,
     link: watch::Sender<Option<Link>>,
+    /// Whether the broker has blocked the current connection (resource alarm).
+    blocked: watch::Sender<bool>,
     broken: Notify,
 }
 
@@ -87,6 +90,7 @@ impl Broker {
                 ca_cert: None,
                 management_url: None,
                 link: watch::Sender::new(None),
+                blocked: watch::Sender::new(false),
                 broken: Notify::new(),
             }),
         }
@@ -134,6 +138,17 @@ impl Broker {
     /// Follows connection state changes (`Some` while connected), e.g. for health reporting.
     pub fn subscribe(&self) -> watch::Receiver<Option<Link>> {
         self.inner.link.subscribe()
+    }
+
+    /// Follows whether the broker blocks this connection's publishes (`true` during a memory
+    /// or disk alarm): the connection is up, yet nothing published gets through.
+    pub fn subscribe_blocked(&self) -> watch::Receiver<bool> {
+        self.inner.blocked.subscribe()
+    }
+
+    /// Whether the broker blocks this connection's publishes right now.
+    pub fn blocked(&self) -> bool {
+        *self.inner.blocked.borrow()
     }
 
     /// Tells the supervisor that `link` failed in a way only a new connection fixes.
@@ -222,10 +237,11 @@ impl Broker {
 
             let reason = tokio::select! {
                 _ = shutdown.cancelled() => None,
-                reason = wait_until_dead(&connection, &mut events) => Some(reason),
+                reason = wait_until_dead(&connection, &mut events, &self.inner.blocked) => Some(reason),
                 _ = self.inner.broken.notified() => Some("a component reported the connection broken".to_owned()),
             };
             self.inner.link.send_replace(None);
+            self.inner.blocked.send_replace(false);
             match reason {
                 None => {
                     if let Err(error) = connection.close(200, "shutting down".into()).await {
@@ -305,10 +321,12 @@ fn hint(error: &anyhow::Error) -> &'static str {
     }
 }
 
-/// Resolves when the connection reports an error or stops being connected.
+/// Resolves when the connection reports an error or stops being connected; meanwhile keeps
+/// `blocked` in step with the broker's `connection.blocked` / `unblocked` notices.
 async fn wait_until_dead(
     connection: &Connection,
     events: &mut (impl futures_util::Stream<Item = Event> + Unpin),
+    blocked: &watch::Sender<bool>,
 ) -> String {
     // Events are the fast path; the status poll catches a close that raised no event.
     let mut poll = tokio::time::interval(Duration::from_secs(1));
@@ -316,6 +334,14 @@ async fn wait_until_dead(
         tokio::select! {
             event = events.next() => match event {
                 Some(Event::Error(error)) => return error.to_string(),
+                Some(Event::ConnectionBlocked(reason)) => {
+                    warn!(reason = %reason, "RabbitMQ blocks this connection's publishes.");
+                    blocked.send_replace(true);
+                }
+                Some(Event::ConnectionUnblocked) => {
+                    info!("RabbitMQ unblocked this connection.");
+                    blocked.send_replace(false);
+                }
                 Some(_) => {}
                 None => return "connection event stream ended".to_owned(),
             },

@@ -30,6 +30,9 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// PostgreSQL for the services' state, instead of SQLite files.
     pub database_url: Option<String>,
+    /// Services that keep SQLite files even with a `database_url` (e.g. Order on SQLite while
+    /// Inventory and Payment are on PostgreSQL).
+    pub sqlite_services: Vec<Service>,
     /// RabbitMQ: one URL, or several (a cluster) separated by commas.
     pub amqp_url: String,
     /// Processes per service. More than one needs `database_url`.
@@ -53,6 +56,7 @@ pub fn instance_name((service, index): Instance) -> String {
 pub struct Deployment {
     settings: Settings,
     ports: BTreeMap<Instance, SocketAddr>,
+    metrics_ports: BTreeMap<Instance, SocketAddr>,
     processes: BTreeMap<Instance, Child>,
     peak_rss_kib: BTreeMap<Service, u64>,
 }
@@ -66,16 +70,18 @@ impl Deployment {
         );
         std::fs::create_dir_all(settings.data_dir.join("logs"))
             .context("creating the data directory")?;
-        let mut ports = BTreeMap::new();
+        let (mut ports, mut metrics_ports) = (BTreeMap::new(), BTreeMap::new());
         for service in Service::ALL {
             for index in 0..settings.instances.max(1) {
                 ports.insert((service, index), free_port()?);
+                metrics_ports.insert((service, index), free_port()?);
             }
         }
         let instances: Vec<Instance> = ports.keys().copied().collect();
         let mut deployment = Deployment {
             settings,
             ports,
+            metrics_ports,
             processes: BTreeMap::new(),
             peak_rss_kib: BTreeMap::new(),
         };
@@ -99,6 +105,11 @@ impl Deployment {
         self.ports[&instance]
     }
 
+    /// Where an instance serves `/metrics`.
+    pub fn metrics_addr(&self, instance: Instance) -> SocketAddr {
+        self.metrics_ports[&instance]
+    }
+
     /// Every instance.
     pub fn instances(&self) -> Vec<Instance> {
         self.ports.keys().copied().collect()
@@ -106,13 +117,30 @@ impl Deployment {
 
     /// Where the services keep their state.
     pub fn state(&self) -> State {
-        match &self.settings.database_url {
-            Some(url) => State::Postgres {
-                url: url.clone(),
-                namespace: self.settings.namespace.clone(),
-            },
-            None => State::Files(self.settings.data_dir.clone()),
+        let files = State::Files(self.settings.data_dir.clone());
+        let Some(url) = &self.settings.database_url else {
+            return files;
+        };
+        let postgres = State::Postgres {
+            url: url.clone(),
+            namespace: self.settings.namespace.clone(),
+        };
+        if self.settings.sqlite_services.is_empty() {
+            return postgres;
         }
+        State::Each(
+            Service::ALL
+                .into_iter()
+                .map(|service| {
+                    let state = if self.settings.sqlite_services.contains(&service) {
+                        files.clone()
+                    } else {
+                        postgres.clone()
+                    };
+                    (service, state)
+                })
+                .collect(),
+        )
     }
 
     /// Where an instance's stderr goes: `<data dir>/logs/<service>-<index>.log`.
@@ -145,8 +173,12 @@ impl Deployment {
             .arg("--grpc-addr")
             .arg(self.ports[&instance].to_string())
             .arg("--data-dir")
-            .arg(&s.data_dir);
-        if let Some(url) = &s.database_url {
+            .arg(&s.data_dir)
+            .arg("--metrics-addr")
+            .arg(self.metrics_ports[&instance].to_string());
+        if let Some(url) = &s.database_url
+            && !s.sqlite_services.contains(&service)
+        {
             command.args(["--database-url", url]);
         }
         let child = command
@@ -205,6 +237,66 @@ impl Deployment {
                 "{service} #{index} not SERVING within {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What an instance's `grpc.health.v1.Health` says right now (`None`: no answer).
+    pub async fn health(&self, instance: Instance) -> Option<ServingStatus> {
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{}", self.ports[&instance]))
+                .ok()?
+                .connect_timeout(Duration::from_secs(2))
+                .connect()
+                .await
+                .ok()?;
+        let mut check = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        check.set_timeout(Duration::from_secs(5));
+        let status = HealthClient::new(channel).check(check).await.ok()?;
+        ServingStatus::try_from(status.into_inner().status).ok()
+    }
+
+    /// An instance's `/metrics` page (Prometheus text).
+    pub async fn metrics(&self, instance: Instance) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let fetch = async {
+            let mut stream = tokio::net::TcpStream::connect(self.metrics_ports[&instance]).await?;
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .await?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await?;
+            anyhow::Ok(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(10), fetch)
+            .await
+            .context("/metrics did not answer within 10 s")??;
+        let (_, body) = response
+            .split_once("\r\n\r\n")
+            .context("not an HTTP response")?;
+        Ok(body.to_owned())
+    }
+
+    /// Waits until `instance` reports `want` (at most `within`).
+    pub async fn wait_health(
+        &self,
+        instance: Instance,
+        want: ServingStatus,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.health(instance).await;
+            if now == Some(want) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} still reports {now:?}, not {want:?}, after {within:?}",
+                instance_name(instance)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

@@ -61,6 +61,7 @@ pub async fn inject(
     fault: Fault,
     deployment: &mut Deployment,
     namespace: &str,
+    ctl: &broker::Ctl,
 ) -> anyhow::Result<String> {
     let instances = deployment.instances();
     let instance = instances[rand::rng().random_range(0..instances.len())];
@@ -68,11 +69,11 @@ pub async fn inject(
     let pause = Duration::from_millis(rand::rng().random_range(200..2000));
     match fault {
         Fault::CloseConnections => {
-            let closed = broker::close_connections(namespace).await?;
+            let closed = broker::close_connections(ctl, namespace).await?;
             Ok(format!("closed {closed} connections from the broker side"))
         }
         Fault::RestartBroker => {
-            broker::restart(pause).await?;
+            broker::restart(ctl, pause).await?;
             Ok(format!(
                 "stopped and started RabbitMQ ({} ms down)",
                 pause.as_millis()

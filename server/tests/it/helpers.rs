@@ -21,10 +21,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::otlp::Collector;
 
-/// The broker tests use: `AMQP_URL` if set, else the local default.
-pub(crate) fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
+pub(crate) use crate::broker::amqp_url;
 
 /// The management HTTP API of the tests' broker (read by `--declare-topology verify`):
 /// `ORDERFLOW_TEST_MANAGEMENT_URL` if set, else `http://<AMQP host>:<AMQP port + 10000>`

@@ -3,6 +3,8 @@
 //! One test binary; each module is one concern. Every test runs its own app with its own
 //! namespace, data directory and gRPC port, so tests run in parallel without cross-talk.
 
+#[path = "../common/broker.rs"]
+mod broker;
 mod helpers;
 #[path = "../common/tap.rs"]
 mod tap;

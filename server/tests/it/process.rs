@@ -1,6 +1,7 @@
 //! The real `orderflow-server` binary as separate processes: killed with SIGKILL mid-flow,
-//! aborted between commit and publish, stopped with SIGTERM, and two instances sharing one
-//! database and broker.
+//! aborted between commit and publish, stopped with SIGTERM (in time, and past its grace
+//! period behind a broker that stopped answering), and two instances sharing one database and
+//! broker.
 
 use std::{
     net::SocketAddr,
@@ -57,7 +58,11 @@ impl Process {
             })
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--shutdown-grace", "10s"])
+            .args(if args.contains(&"--shutdown-grace") {
+                &[][..]
+            } else {
+                &["--shutdown-grace", "10s"][..]
+            })
             .args(if args.contains(&"--amqp-url") {
                 vec![]
             } else {
@@ -415,6 +420,99 @@ async fn sigterm_shuts_down_cleanly_and_ends_watch_streams() {
         COMPLETE
     );
     assert!(server.terminate().await.success());
+}
+
+/// A TCP relay to the broker that can be frozen: from then on it forwards nothing either way
+/// but keeps both sockets open, as a broker that hangs (or a network that drops every packet)
+/// would look to the client.
+struct FreezableProxy {
+    addr: SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezableProxy {
+    async fn start() -> FreezableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = tokio::sync::watch::Sender::new(false);
+        let watch = frozen.clone();
+        let task = tokio::spawn(async move {
+            let mut relays = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(broker) = tokio::net::TcpStream::connect(crate::broker::broker_addr()).await
+                else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (broker_read, broker_write) = broker.into_split();
+                relays.spawn(relay(client_read, broker_write, watch.subscribe()));
+                relays.spawn(relay(broker_read, client_write, watch.subscribe()));
+            }
+        });
+        FreezableProxy { addr, frozen, task }
+    }
+
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+}
+
+impl Drop for FreezableProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` until either closes; once frozen, holds what it read and stops.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Checked between read and write, so nothing read after the freeze gets through.
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_that_outlasts_its_grace_period_exits_124() {
+    // The broker stops answering (a frozen relay, so the connection stays open) while an order's
+    // event waits in the outbox: draining the outbox and closing the connection can never
+    // finish, so the 1 s grace runs out every time, however fast or slow the machine.
+    let proxy = FreezableProxy::start().await;
+    let deployment = Deployment::new();
+    let url = crate::broker::amqp_url_via(proxy.addr);
+    let server = deployment
+        .start(&["--amqp-url", &url, "--shutdown-grace", "1s"], &[])
+        .await;
+    let mut client = server.client().await;
+    proxy.freeze();
+    let placed = client
+        .place_order(order_request("alice", &[("KB-001", 1)]))
+        .await
+        .expect("PlaceOrder commits locally; the broker is not needed to accept")
+        .into_inner();
+    assert_eq!(placed.status(), OrderStatus::Pending);
+    let logs = server.logs.clone();
+    let status = server.terminate().await;
+    assert_eq!(
+        status.code(),
+        Some(124),
+        "a shutdown cut short by its grace period exits 124: {status:?}"
+    );
+    let logs = logs.lock().unwrap().join("\n");
+    assert!(logs.contains("Graceful shutdown timed out"), "{logs}");
+    assert!(!logs.contains("Shutdown complete."), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

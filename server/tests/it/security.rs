@@ -365,7 +365,7 @@ async fn oversized_deliveries_go_to_the_dead_letter_queue_unread() {
 }
 
 /// A TLS front for the local broker: accepts `amqps` with the test certificate and relays the
-/// decrypted stream to 127.0.0.1:5672, so the client side of a real TLS handshake is tested
+/// decrypted stream to the broker at `AMQP_URL`, so the client side of a real TLS handshake is tested
 /// without reconfiguring the machine's RabbitMQ.
 async fn tls_front(pki: &Pki) -> std::net::SocketAddr {
     use tokio_rustls::rustls::{
@@ -394,7 +394,9 @@ async fn tls_front(pki: &Pki) -> std::net::SocketAddr {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                let Ok(mut broker) =
+                    tokio::net::TcpStream::connect(crate::broker::broker_addr()).await
+                else {
                     return;
                 };
                 let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
@@ -467,13 +469,14 @@ impl BrokerUser {
             password: format!("pw-{}", &id[8..]),
         };
         let ctl = |args: &[&str]| {
-            let status = std::process::Command::new("rabbitmqctl")
-                .args(args)
+            let status = crate::broker::ctl()
+                .command(args)
                 .output()
-                .expect("rabbitmqctl runs");
+                .unwrap_or_else(|e| panic!("{} runs: {e}", crate::broker::ctl()));
             assert!(
                 status.status.success(),
-                "rabbitmqctl {args:?}: {}",
+                "{} {args:?}: {}",
+                crate::broker::ctl(),
                 String::from_utf8_lossy(&status.stderr)
             );
         };
@@ -485,8 +488,8 @@ impl BrokerUser {
 
 impl Drop for BrokerUser {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_user", &self.name])
+        let _ = crate::broker::ctl()
+            .command(&["delete_user", &self.name])
             .output();
     }
 }
@@ -494,7 +497,7 @@ impl Drop for BrokerUser {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_amqp_password_never_appears_in_logs_or_errors() {
     let user = BrokerUser::create();
-    let url = format!("amqp://{}:{}@127.0.0.1:5672/%2f", user.name, user.password);
+    let url = crate::broker::amqp_url_as(&user.name, &user.password);
     let server_bin = env!("CARGO_BIN_EXE_orderflow-server");
 
     // A full saga with every log level on.
@@ -523,7 +526,7 @@ async fn the_amqp_password_never_appears_in_logs_or_errors() {
     );
 
     // A wrong password: connection errors are logged, the password is not.
-    let wrong = format!("amqp://{}:{}x@127.0.0.1:5672/%2f", user.name, user.password);
+    let wrong = crate::broker::amqp_url_as(&user.name, &format!("{}x", user.password));
     let dir = tempfile::tempdir().unwrap();
     let output = tokio::time::timeout(
         Duration::from_secs(30),

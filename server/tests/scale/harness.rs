@@ -15,10 +15,7 @@ use orderflow_server::chaos::{
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-/// The broker the other tests use: `AMQP_URL` if set, else the local default.
-pub(crate) fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
+pub(crate) use crate::broker::amqp_url;
 
 /// A catalog entry: SKU, price in cents, stock.
 pub(crate) type Item = (&'static str, i64, i64);
@@ -66,6 +63,7 @@ pub(crate) fn settings(
         data_dir: dir.to_owned(),
         amqp_url,
         database_url,
+        sqlite_services: vec![],
         instances,
         args: vec![
             "--catalog".into(),
@@ -94,10 +92,8 @@ pub(crate) async fn audit_settled(state: &State, accepted: &[String], items: &[I
         .await
         .expect("audit reads the databases");
     println!("{report:?}");
-    assert!(
-        report.problems.is_empty() && report.lost == 0 && report.duplicated == 0,
-        "{report:?}"
-    );
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(report.failed, 0, "no order FAILED: {report:?}");
     report
 }
 

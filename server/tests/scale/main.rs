@@ -6,9 +6,12 @@
 //! Each test has its own PostgreSQL database, broker namespace and data directory, so they run
 //! in parallel with each other; the cluster test's nodes do not touch the shared broker.
 
+#[path = "../common/broker.rs"]
+mod broker;
 mod cluster;
 mod harness;
 mod instances;
+mod outage;
 #[path = "../common/pg_database.rs"]
 mod pg_database;
 mod postgres;
