@@ -148,22 +148,8 @@ async fn exhausted_retries_dead_letter_with_context_and_fail_the_order() {
         order.failure_reason
     );
 
-    // The dead-letter queue's count can trail the copy that failed the order by a moment.
-    eventually("the dead letter", || async {
-        app.dlq_depth("inventory.order-created").await == 1
-    })
-    .await;
-    let list = app
-        .dead_letters()
-        .list_dead_letters(pb::ListDeadLettersRequest {
-            queue: "inventory.order-created".into(),
-            limit: 10,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.depth, 1);
-    let dead = &list.dead_letters[0];
+    let listed = app.dead_letters_in("inventory.order-created", 1).await;
+    let dead = &listed[0];
     assert_eq!(dead.attempts, 3, "exactly the configured attempts");
     assert_eq!(dead.reason, "max-attempts");
     assert_eq!(dead.order_id, placed.order_id);
@@ -232,38 +218,18 @@ async fn poison_messages_go_to_the_dead_letter_queue_while_orders_keep_flowing()
         "consumer kept serving"
     );
 
-    eventually("three dead letters", || async {
-        app.dlq_depth("inventory.order-created").await == 3
-    })
-    .await;
-    let list = app
-        .dead_letters()
-        .list_dead_letters(pb::ListDeadLettersRequest {
-            queue: "inventory.order-created".into(),
-            limit: 10,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    for dead in &list.dead_letters {
+    let listed = app.dead_letters_in("inventory.order-created", 3).await;
+    for dead in &listed {
         assert_eq!(dead.reason, "permanent-error", "{dead:?}");
         assert_eq!(dead.attempts, 1, "poison is not retried");
         assert!(dead.payload_json.is_empty());
     }
-    let bodies: Vec<&[u8]> = list
-        .dead_letters
-        .iter()
-        .map(|d| d.payload.as_slice())
-        .collect();
+    let bodies: Vec<&[u8]> = listed.iter().map(|d| d.payload.as_slice()).collect();
     assert!(
         bodies.contains(&&b"\xff\x00garbage"[..]),
         "bodies are untouched"
     );
-    let unknown = list
-        .dead_letters
-        .iter()
-        .find(|d| d.message_id == "poison-3")
-        .unwrap();
+    let unknown = listed.iter().find(|d| d.message_id == "poison-3").unwrap();
     assert!(
         unknown.last_error.contains("acme.Unknown"),
         "{}",
@@ -807,20 +773,9 @@ async fn a_message_that_cannot_be_parked_ends_at_the_delivery_limit() {
         "{}",
         order.failure_reason
     );
-    eventually("stored", || async {
-        app.dlq_depth("payment.inventory-reserved").await == 1
-    })
-    .await;
     let dead = app
-        .dead_letters()
-        .list_dead_letters(pb::ListDeadLettersRequest {
-            queue: "payment.inventory-reserved".into(),
-            limit: 1,
-        })
+        .dead_letters_in("payment.inventory-reserved", 1)
         .await
-        .unwrap()
-        .into_inner()
-        .dead_letters
         .remove(0);
     assert_eq!(dead.reason, "delivery_limit");
     assert_eq!(dead.order_id, placed.order_id);

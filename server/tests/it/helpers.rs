@@ -286,6 +286,26 @@ impl TestApp {
         DeadLettersClient::new(self.channel.clone())
     }
 
+    /// The dead letters of `queue` (short form `<service>.<name>`), oldest first, once there
+    /// are exactly `count` of them.
+    pub(crate) async fn dead_letters_in(&self, queue: &str, count: u64) -> Vec<pb::DeadLetter> {
+        eventually(&format!("{count} dead letter(s) in {queue}"), || async {
+            self.dlq_depth(queue).await == count
+        })
+        .await;
+        let list = self
+            .dead_letters()
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                queue: queue.to_owned(),
+                limit: u32::try_from(count).expect("a small count"),
+            })
+            .await
+            .expect("ListDeadLetters")
+            .into_inner();
+        assert_eq!(list.depth, count);
+        list.dead_letters
+    }
+
     /// Depth of the dead-letter queue of `queue` (short form `<service>.<name>`).
     pub(crate) async fn dlq_depth(&self, queue: &str) -> u64 {
         self.dead_letters()
