@@ -18,7 +18,7 @@ use orderflow_server::chaos::{
     faults::Fault,
 };
 use tokio::sync::Mutex;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// One test at a time: they disturb the broker everyone shares.
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -169,143 +169,140 @@ async fn five_thousand_concurrent_orders_all_finish() {
     assert_eq!(report.audit.placed, 5_000, "{report}");
 }
 
-async fn serving(addr: std::net::SocketAddr) -> Option<bool> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .ok()?;
-    Some(status.into_inner().status == 1)
+/// A deployment under a steady load of orders, for a fault in the middle of it.
+struct UnderLoad {
+    deployment: Deployment,
+    namespace: String,
+    _dir: tempfile::TempDir,
+    stop: tokio_util::sync::CancellationToken,
+    driver: tokio::task::JoinHandle<anyhow::Result<driver::Placed>>,
 }
 
-async fn wait_health(deployment: &Deployment, want: bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    for instance in deployment.instances() {
-        while serving(deployment.addr(instance)).await != Some(want) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} never reported serving={want}",
-                deployment::instance_name(instance)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+impl UnderLoad {
+    /// Starts the services and places orders at `rate` for 3 s before returning.
+    async fn start(rate: f64) -> UnderLoad {
+        let dir = tempfile::tempdir().unwrap();
+        let namespace = namespace();
+        let deployment = Deployment::start(settings(dir.path(), &namespace))
+            .await
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let driver = {
+            let (addr, stop, namespace) =
+                (deployment.order_addrs(), stop.clone(), namespace.clone());
+            tokio::spawn(async move {
+                driver::run(&addr, plan(rate, 32, 100_000), &namespace, stop).await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        UnderLoad {
+            deployment,
+            namespace,
+            _dir: dir,
+            stop,
+            driver,
         }
+    }
+
+    fn client(&self) -> OrderServiceClient<tonic::transport::Channel> {
+        let addr = self.deployment.order_addrs()[0];
+        OrderServiceClient::new(
+            tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_lazy(),
+        )
+    }
+
+    /// One order placed by hand while the fault lasts; `expect` says why it must be accepted.
+    async fn place(&self, customer: &str, expect: &str) -> pb::Order {
+        self.client()
+            .place_order(pb::PlaceOrderRequest {
+                customer_id: customer.into(),
+                items: vec![pb::OrderItem {
+                    sku: "R-AAA".into(),
+                    quantity: 1,
+                }],
+                idempotency_key: None,
+            })
+            .await
+            .expect(expect)
+            .into_inner()
+    }
+
+    /// Lets the load run 3 s more and stops it, waits for every order to settle, and audits
+    /// them all with `during`: nothing lost, applied twice or FAILED, and `during` completed.
+    async fn finish(mut self, during: pb::Order, what: &str) -> driver::Placed {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        self.stop.cancel();
+        let placed = (&mut self.driver).await.unwrap().unwrap();
+        assert!(
+            audit::wait_settled(&self.deployment.state(), Duration::from_secs(120))
+                .await
+                .unwrap(),
+            "settles"
+        );
+        let mut accepted = placed.accepted.clone();
+        accepted.push(during.order_id.clone());
+        let report = audit::audit(&self.deployment.state(), &accepted, &initial_stock())
+            .await
+            .unwrap();
+        println!(
+            "{what}: placed {}, completed {}, rejected {}, payment failed {}, FAILED {}",
+            report.placed, report.completed, report.rejected, report.payment_failed, report.failed
+        );
+        assert!(report.passed(), "{report:?}");
+        assert_eq!(report.failed, 0, "no order FAILED: {report:?}");
+        assert_eq!(report.placed, accepted.len());
+        let order = self
+            .client()
+            .get_order(pb::GetOrderRequest {
+                order_id: during.order_id,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            order.status(),
+            OrderStatus::Completed,
+            "the order taken during the {what} completed"
+        );
+        self.deployment.stop().await.unwrap();
+        chaos::delete_namespace(&amqp_url(), &self.namespace).await;
+        placed
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_delays_orders_but_loses_none() {
     let _turn = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let namespace = namespace();
-    let mut deployment = Deployment::start(settings(dir.path(), &namespace))
-        .await
-        .unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let driver = {
-        let (addr, stop, namespace) = (deployment.order_addrs(), stop.clone(), namespace.clone());
-        tokio::spawn(
-            async move { driver::run(&addr, plan(40.0, 32, 100_000), &namespace, stop).await },
-        )
-    };
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
+    let load = UnderLoad::start(40.0).await;
     // Stop the broker; every service notices and reports NOT_SERVING.
     let restart =
         tokio::spawn(async { broker::restart(&test_broker::ctl(), Duration::from_secs(4)).await });
-    wait_health(&deployment, false).await;
-    // PlaceOrder keeps accepting orders: they are stored, with their event in the outbox.
-    let mut client = OrderServiceClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{}", deployment.order_addrs()[0]))
-            .unwrap()
-            .connect_lazy(),
-    );
-    let during = client
-        .place_order(pb::PlaceOrderRequest {
-            customer_id: "during-outage".into(),
-            items: vec![pb::OrderItem {
-                sku: "R-AAA".into(),
-                quantity: 1,
-            }],
-            idempotency_key: None,
-        })
+    load.deployment
+        .wait_health_all(ServingStatus::NotServing, Duration::from_secs(60))
         .await
-        .expect("accepted while the broker is down")
-        .into_inner();
+        .expect("NOT_SERVING while the broker is down");
+    // PlaceOrder keeps accepting orders: they are stored, with their event in the outbox.
+    let during = load
+        .place("during-outage", "accepted while the broker is down")
+        .await;
     assert_eq!(during.status(), OrderStatus::Pending);
     restart.await.unwrap().expect("broker restarted");
     // Back: every service reconnects, re-declares its topology and reports SERVING again.
-    wait_health(&deployment, true).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.cancel();
-    let placed = driver.await.unwrap().unwrap();
-
-    assert!(
-        audit::wait_settled(&deployment.state(), Duration::from_secs(120))
-            .await
-            .unwrap(),
-        "settles"
-    );
-    let mut accepted = placed.accepted.clone();
-    accepted.push(during.order_id.clone());
-    let report = audit::audit(&deployment.state(), &accepted, &initial_stock())
+    load.deployment
+        .wait_health_all(ServingStatus::Serving, Duration::from_secs(60))
         .await
-        .unwrap();
-    println!(
-        "broker restart: {} orders placed, {report:?}",
-        report.placed
-    );
-    assert!(report.passed(), "{report:?}");
-    assert_eq!(report.failed, 0, "no order FAILED: {report:?}");
-    let order = client
-        .get_order(pb::GetOrderRequest {
-            order_id: during.order_id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        order.status(),
-        OrderStatus::Completed,
-        "the order taken during the outage completed"
-    );
-    deployment.stop().await.unwrap();
-    chaos::delete_namespace(&amqp_url(), &namespace).await;
-}
-
-/// One gauge's value for `service` on a `/metrics` page.
-fn gauge(page: &str, name: &str, service: orderflow_server::service::Service) -> Option<f64> {
-    let prefix = format!("{name}{{service=\"{}\"}} ", service.service_name());
-    page.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
+        .expect("SERVING again once the broker is back");
+    load.finish(during, "broker restart").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_20s_memory_alarm_delays_orders_but_loses_and_fails_none() {
     use orderflow_server::service::Service;
-    use tonic_health::pb::health_check_response::ServingStatus;
 
     let _turn = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let namespace = namespace();
-    let mut deployment = Deployment::start(settings(dir.path(), &namespace))
-        .await
-        .unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let driver = {
-        let (addr, stop, namespace) = (deployment.order_addrs(), stop.clone(), namespace.clone());
-        tokio::spawn(
-            async move { driver::run(&addr, plan(20.0, 32, 100_000), &namespace, stop).await },
-        )
-    };
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
+    let load = UnderLoad::start(20.0).await;
     // The broker blocks every publishing connection. The guard restores the watermark even if
     // an assertion below fails; the alarm never outlasts 20 s on purpose.
     let ctl = test_broker::ctl();
@@ -317,89 +314,39 @@ async fn a_20s_memory_alarm_delays_orders_but_loses_and_fails_none() {
     // Order publishes every new order's event, so its connection is blocked within moments:
     // health and metrics say so. (Inventory and Payment are blocked only once they publish.)
     let order = (Service::Order, 0);
+    let deployment = &load.deployment;
     deployment
         .wait_health(order, ServingStatus::NotServing, Duration::from_secs(15))
         .await
         .expect("order-service NOT_SERVING while the broker blocks its publishes");
-    let page = deployment.metrics(order).await.unwrap();
-    assert_eq!(
-        gauge(&page, "orderflow_broker_blocked", Service::Order),
-        Some(1.0),
-        "{page}"
-    );
-    assert_eq!(
-        gauge(&page, "orderflow_broker_connected", Service::Order),
-        Some(1.0),
-        "{page}"
-    );
-    let mut client = OrderServiceClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{}", deployment.order_addrs()[0]))
-            .unwrap()
-            .connect_lazy(),
-    );
-    let during = client
-        .place_order(pb::PlaceOrderRequest {
-            customer_id: "during-alarm".into(),
-            items: vec![pb::OrderItem {
-                sku: "R-AAA".into(),
-                quantity: 1,
-            }],
-            idempotency_key: None,
-        })
-        .await
-        .expect("accepted while the broker blocks publishers")
-        .into_inner();
+    let gauge = |name: &'static str| async move {
+        deployment
+            .gauge(order, name)
+            .await
+            .expect("/metrics answers")
+    };
+    assert_eq!(gauge("orderflow_broker_blocked").await, Some(1.0));
+    assert_eq!(gauge("orderflow_broker_connected").await, Some(1.0));
+    let during = load
+        .place(
+            "during-alarm",
+            "accepted while the broker blocks publishers",
+        )
+        .await;
     // Cleared at 19 s: the control command itself takes most of a second.
     tokio::time::sleep(Duration::from_secs(19).saturating_sub(raised.elapsed())).await;
     alarm.clear().await.expect("watermark restored");
     println!("memory alarm cleared after {:?}", raised.elapsed());
 
-    for instance in deployment.instances() {
-        deployment
-            .wait_health(instance, ServingStatus::Serving, Duration::from_secs(30))
-            .await
-            .expect("SERVING again once the alarm clears");
-    }
-    let page = deployment.metrics(order).await.unwrap();
-    assert_eq!(
-        gauge(&page, "orderflow_broker_blocked", Service::Order),
-        Some(0.0),
-        "{page}"
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.cancel();
-    let placed = driver.await.unwrap().unwrap();
+    deployment
+        .wait_health_all(ServingStatus::Serving, Duration::from_secs(30))
+        .await
+        .expect("SERVING again once the alarm clears");
+    assert_eq!(gauge("orderflow_broker_blocked").await, Some(0.0));
+    let placed = load.finish(during, "memory alarm").await;
     assert!(
         placed.abandoned.is_empty(),
         "abandoned: {:?}",
         placed.abandoned
     );
-    assert!(
-        audit::wait_settled(&deployment.state(), Duration::from_secs(120))
-            .await
-            .unwrap(),
-        "settles"
-    );
-    let mut accepted = placed.accepted.clone();
-    accepted.push(during.order_id.clone());
-    let report = audit::audit(&deployment.state(), &accepted, &initial_stock())
-        .await
-        .unwrap();
-    println!(
-        "memory alarm: placed {}, completed {}, rejected {}, payment failed {}, FAILED {}",
-        report.placed, report.completed, report.rejected, report.payment_failed, report.failed
-    );
-    assert!(report.passed(), "{report:?}");
-    assert_eq!(report.failed, 0, "no order FAILED: {report:?}");
-    assert_eq!(report.placed, accepted.len());
-    let order = client
-        .get_order(pb::GetOrderRequest {
-            order_id: during.order_id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(order.status(), OrderStatus::Completed);
-    deployment.stop().await.unwrap();
-    chaos::delete_namespace(&amqp_url(), &namespace).await;
 }

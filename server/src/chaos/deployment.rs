@@ -278,6 +278,28 @@ impl Deployment {
         Ok(body.to_owned())
     }
 
+    /// Waits until every instance reports `want` (each at most `within`).
+    pub async fn wait_health_all(
+        &self,
+        want: ServingStatus,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        for instance in self.instances() {
+            self.wait_health(instance, want, within).await?;
+        }
+        Ok(())
+    }
+
+    /// The value of the gauge `name` that `instance` reports for its own service on `/metrics`.
+    pub async fn gauge(&self, instance: Instance, name: &str) -> anyhow::Result<Option<f64>> {
+        let page = self.metrics(instance).await?;
+        let prefix = format!("{name}{{service=\"{}\"}} ", instance.0.service_name());
+        Ok(page
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok()))
+    }
+
     /// Waits until `instance` reports `want` (at most `within`).
     pub async fn wait_health(
         &self,

@@ -152,24 +152,12 @@ fn is_root() -> bool {
 }
 
 /// One gauge's value for `service` on an instance's `/metrics` page.
-fn gauge(page: &str, name: &str, service: Service) -> Option<f64> {
-    let prefix = format!("{name}{{service=\"{}\"}} ", service.service_name());
-    page.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 async fn assert_gauge(deployment: &Deployment, instance: Instance, name: &str, want: f64) {
-    let page = deployment
-        .metrics(instance)
+    let value = deployment
+        .gauge(instance, name)
         .await
         .expect("/metrics answers");
-    assert_eq!(
-        gauge(&page, name, instance.0),
-        Some(want),
-        "{name} of {}:\n{page}",
-        instance.0
-    );
+    assert_eq!(value, Some(want), "{name} of {}", instance.0);
 }
 
 /// Places orders at `rate` while PostgreSQL is stopped for `outage`; checks health and metrics
@@ -242,11 +230,11 @@ async fn outage(outage: Duration, rate: f64, order_on_sqlite: bool) {
     tokio::time::sleep(outage.saturating_sub(stopped.elapsed())).await;
     tokio::task::block_in_place(|| pg.resume());
     println!("PostgreSQL back after {:?}", stopped.elapsed());
+    deployment
+        .wait_health_all(ServingStatus::Serving, Duration::from_secs(30))
+        .await
+        .expect("SERVING again once the database is back");
     for instance in deployment.instances() {
-        deployment
-            .wait_health(instance, ServingStatus::Serving, Duration::from_secs(30))
-            .await
-            .expect("SERVING again once the database is back");
         assert_gauge(&deployment, instance, "orderflow_database_up", 1.0).await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
