@@ -300,77 +300,45 @@ impl fmt::Display for AmqpUrl {
     }
 }
 
-/// A database URL whose password stays out of `Debug` and `Display`.
+/// A database URL (PostgreSQL).
+pub type DatabaseUrl = SecretUrl;
+
+/// A RabbitMQ management API URL.
+pub type ManagementUrl = SecretUrl;
+
+/// A URL with credentials, whose password stays out of `Debug` and `Display`.
 #[derive(Clone)]
-pub struct DatabaseUrl {
+pub struct SecretUrl {
     secret: SecretString,
     redacted: String,
 }
 
-impl DatabaseUrl {
+impl SecretUrl {
     /// The full URL, for connecting only.
     pub fn expose(&self) -> &str {
         self.secret.expose_secret()
     }
 }
 
-impl FromStr for DatabaseUrl {
+impl FromStr for SecretUrl {
     type Err = String;
 
     /// Checked by [`Config::validate`] (clap would echo a refused value verbatim).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(DatabaseUrl {
+        Ok(SecretUrl {
             secret: SecretString::from(s.to_owned()),
             redacted: redact(s),
         })
     }
 }
 
-impl fmt::Debug for DatabaseUrl {
+impl fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted)
     }
 }
 
-impl fmt::Display for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted)
-    }
-}
-
-/// A management API URL whose password stays out of `Debug` and `Display`.
-#[derive(Clone)]
-pub struct ManagementUrl {
-    secret: SecretString,
-    redacted: String,
-}
-
-impl ManagementUrl {
-    /// The full URL, for connecting only.
-    pub fn expose(&self) -> &str {
-        self.secret.expose_secret()
-    }
-}
-
-impl FromStr for ManagementUrl {
-    type Err = std::convert::Infallible;
-
-    /// Checked by [`Config::validate`] (clap would echo a refused value verbatim).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(ManagementUrl {
-            secret: SecretString::from(s.to_owned()),
-            redacted: redact(s),
-        })
-    }
-}
-
-impl fmt::Debug for ManagementUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted)
-    }
-}
-
-impl fmt::Display for ManagementUrl {
+impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted)
     }
