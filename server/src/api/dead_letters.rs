@@ -13,7 +13,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::error::{Error, finish};
 use crate::{
-    bus::{Topology, propagation},
+    bus::Topology,
     order::dead_letters::{DeadLetterStore, Selection, Stored, sources},
 };
 
@@ -196,22 +196,18 @@ impl DeadLetterApi {
         // related to them: link this call's span to each.
         let span = tracing::Span::current();
         for stored in &replayed {
-            let carried = stored
-                .parked
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            let linked = propagation::from_map(&carried)
-                .span()
-                .span_context()
-                .clone();
+            let linked = stored.parked.trace_context().span().span_context().clone();
             if linked.is_valid() {
                 span.add_link(linked);
             }
         }
-        let mut ids: Vec<String> = replayed.into_iter().map(|s| s.parked.message_id).collect();
-        ids.dedup();
+        // A message dead-lettered twice is replayed twice (the inbox keeps one), named once.
+        let mut seen = std::collections::HashSet::new();
+        let ids: Vec<String> = replayed
+            .into_iter()
+            .map(|s| s.parked.message_id)
+            .filter(|id| seen.insert(id.clone()))
+            .collect();
         info!(queue = %source, replayed = ids.len(), "Replayed dead letters.");
         Ok(pb::ReplayResponse {
             replayed: ids,

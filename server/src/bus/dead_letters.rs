@@ -123,6 +123,18 @@ impl Parked {
     }
 }
 
+impl Parked {
+    /// The trace context the dead letter carries (W3C `traceparent`, `tracestate`).
+    pub fn trace_context(&self) -> opentelemetry::Context {
+        let carried: std::collections::HashMap<String, String> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        super::propagation::from_map(&carried)
+    }
+}
+
 /// The properties a replayed message travels with, from a dead letter's stored ones: the
 /// failure bookkeeping is reset (a fresh attempt count, no stale first-failure time), the
 /// trace context and original route are kept, and the replay itself is recorded.

@@ -223,7 +223,8 @@ impl DeadLetterStore {
         for stored in &taken {
             let parked = &stored.parked;
             let properties = dead_letters::replay_properties(&parked.properties)?;
-            let trace = trace_context(&parked.headers);
+            let trace = propagation::to_map(&parked.trace_context());
+            let trace = serde_json::to_string(&trace).unwrap_or_else(|_| "{}".to_owned());
             self.outbox
                 .stage_forward(
                     &mut tx,
@@ -306,17 +307,6 @@ async fn take(
             .await?;
     }
     Ok(rows.into_iter().map(Stored::from).collect())
-}
-
-/// The trace context the dead letter carries, in the outbox's form: the replay's publish
-/// continues the original trace.
-fn trace_context(headers: &BTreeMap<String, String>) -> String {
-    let carried: std::collections::HashMap<String, String> = headers
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let context = propagation::to_map(&propagation::from_map(&carried));
-    serde_json::to_string(&context).unwrap_or_else(|_| "{}".to_owned())
 }
 
 fn not_found(selection: &Selection, taken: &[Stored]) -> Vec<String> {
