@@ -281,12 +281,14 @@ impl Broker {
             .await
             .context("opening a channel")?;
         match self.inner.declare {
-            Declare::All => self
-                .inner
-                .topology
-                .declare(&channel)
-                .await
-                .context("declaring the topology")?,
+            Declare::All => {
+                let topology = &self.inner.topology;
+                topology
+                    .declare(&channel)
+                    .await
+                    .context("declaring the topology")?;
+                topology.retire_legacy_dead_letter_queues(&connection).await;
+            }
             Declare::Verify(service) => {
                 let management = Management::new(
                     node,

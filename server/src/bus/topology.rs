@@ -18,6 +18,7 @@
 //! that one description. Declaration is idempotent and every service declares the whole
 //! namespace, so start-up order never matters and a publish never finds its queue missing.
 
+mod retire;
 pub mod spec;
 
 use std::collections::BTreeMap;

@@ -789,3 +789,77 @@ async fn a_message_that_cannot_be_parked_ends_at_the_delivery_limit() {
     );
     assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 1);
 }
+
+/// A namespace declared by an earlier orderflow has a `<work queue>.dlq` per work queue, bound
+/// to the dead-letter exchange and holding dead letters. On start they move into the store, so
+/// the API still shows them, and the old queue goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_an_earlier_version_move_into_the_store() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    let namespace = crate::helpers::unique_namespace();
+    let conn = raw_connection().await;
+    let channel = conn.create_channel().await.unwrap();
+    orderflow_server::bus::Topology::new(namespace.clone(), 4, 20)
+        .declare(&channel)
+        .await
+        .unwrap();
+    let work = format!("{namespace}.payment.inventory-reserved");
+    let legacy = format!("{work}.dlq");
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(legacy.as_str().into(), durable, quorum)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            legacy.as_str().into(),
+            format!("{namespace}.dead-letters").as_str().into(),
+            work.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for id in ["old-1", "old-2"] {
+        let mut headers = FieldTable::default();
+        for (key, value) in [
+            (header::QUEUE, work.as_str()),
+            (header::DEAD_LETTER_REASON, "permanent-error"),
+            (header::LAST_FAILURE_AT, "2026-01-02T03:04:05.000Z"),
+        ] {
+            headers.insert(key.into(), AMQPValue::LongString(value.into()));
+        }
+        let properties = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_type("orderflow.v1.InventoryReserved".into())
+            .with_headers(headers);
+        publish_raw(&conn, "", &legacy, b"\x0a\x01x", properties).await;
+    }
+
+    let app = spawn_app_with(|c| c.namespace = namespace.clone()).await;
+    let moved = app.dead_letters_in("payment.inventory-reserved", 2).await;
+    let ids: Vec<&str> = moved.iter().map(|d| d.message_id.as_str()).collect();
+    assert_eq!(ids, ["old-1", "old-2"], "both kept, in their order");
+    assert!(moved.iter().all(|d| d.reason == "permanent-error"));
+    eventually("the old queue deleted", || async {
+        let channel = conn.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(legacy.as_str().into(), passive, FieldTable::default())
+            .await
+            .is_err()
+    })
+    .await;
+    conn.close(200, "ok".into()).await.ok();
+}
