@@ -197,6 +197,22 @@ impl Server {
         status
     }
 
+    /// SIGTERM, and a clean exit; otherwise fails with the end of what the server logged.
+    pub(crate) async fn stop(self) {
+        let logs = self.logs.clone();
+        let status = self.terminate().await;
+        if !status.success() {
+            let lines = logs.lock().unwrap();
+            // lapin's own lines (a closed channel, say) would crowd out the server's.
+            let own: Vec<&String> = lines
+                .iter()
+                .filter(|line| !line.contains("\"target\":\"lapin"))
+                .collect();
+            let tail = &own[own.len().saturating_sub(40)..];
+            panic!("the server exited with {status} after SIGTERM; its last lines:\n{tail:#?}");
+        }
+    }
+
     /// Waits for the process to exit on its own.
     pub(crate) async fn exited(mut self) -> std::process::ExitStatus {
         tokio::time::timeout(WAIT, self.child.wait())
@@ -295,7 +311,7 @@ async fn killed_mid_flow_the_order_still_completes_after_restart() {
         .into_inner();
     assert_eq!(order.status(), OrderStatus::Completed);
     assert_eq!(order.history.len(), 3);
-    assert!(server.terminate().await.success());
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,7 +370,7 @@ async fn a_crash_between_commit_and_publish_is_recovered_by_the_outbox() {
         .unwrap();
     assert_eq!(pending, 0, "published and cleared");
     pool.close().await;
-    assert!(server.terminate().await.success());
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,7 +435,7 @@ async fn sigterm_shuts_down_cleanly_and_ends_watch_streams() {
         statuses(&watch_all(&mut client, &placed.order_id).await),
         COMPLETE
     );
-    assert!(server.terminate().await.success());
+    server.stop().await;
 }
 
 /// A TCP relay to the broker that can be frozen: from then on it forwards nothing either way
@@ -544,8 +560,8 @@ async fn a_watch_on_one_instance_sees_transitions_processed_by_another() {
     // Every transition was applied exactly once, by one instance or the other (competing
     // consumers); counted once both have flushed their logs.
     let (logs_a, logs_b) = (a.logs.clone(), b.logs.clone());
-    assert!(b.terminate().await.success());
-    assert!(a.terminate().await.success());
+    b.stop().await;
+    a.stop().await;
     let handled = |logs: &Arc<Mutex<Vec<String>>>| {
         logs.lock()
             .unwrap()

@@ -108,7 +108,7 @@ async fn readme_examples_run_verbatim() {
         refused.contains("items[0].quantity: must be at least 1"),
         "{refused}"
     );
-    assert!(server.terminate().await.success());
+    server.stop().await;
 
     // The dead-letter examples, against a server whose first payment fails permanently.
     address_is_free();
@@ -140,5 +140,5 @@ async fn readme_examples_run_verbatim() {
     assert!(out.contains("\"reason\": \"permanent-error\""), "{out}");
     assert!(out.contains("\"replayed\""), "{out}");
     crate::helpers::wait_for_status(&client, &placed.order_id, OrderStatus::Completed).await;
-    assert!(server.terminate().await.success());
+    server.stop().await;
 }

@@ -513,7 +513,7 @@ async fn the_amqp_password_never_appears_in_logs_or_errors() {
         .into_inner();
     crate::helpers::wait_for_status(&client, &placed.order_id, OrderStatus::Completed).await;
     let logs = server.logs.clone();
-    assert!(server.terminate().await.success());
+    server.stop().await;
     let logs = logs.lock().unwrap().join("\n");
     assert!(logs.len() > 10_000, "trace logs were captured");
     assert!(

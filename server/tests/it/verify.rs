@@ -82,7 +82,7 @@ async fn a_correct_topology_passes_verify() {
             &[],
         )
         .await;
-    assert!(server.terminate().await.success());
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
