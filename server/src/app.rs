@@ -295,6 +295,7 @@ impl Stages {
         info!("Intake stopped; draining the outboxes.");
         self.relay_stop.cancel();
         drain(&mut self.relay_tasks).await;
+        info!("Outboxes drained; closing the broker connections.");
         self.broker_stop.cancel();
         drain(&mut self.broker_tasks).await;
         info!("Shutdown complete.");

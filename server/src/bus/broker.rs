@@ -25,6 +25,8 @@ const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a shutdown waits for the broker to confirm a connection close before dropping it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One live connection. Cheap to clone.
 #[derive(Clone)]
@@ -244,8 +246,20 @@ impl Broker {
             self.inner.blocked.send_replace(false);
             match reason {
                 None => {
-                    if let Err(error) = connection.close(200, "shutting down".into()).await {
-                        warn!(error = %error, "Closing the RabbitMQ connection failed.");
+                    // By now the consumers and the relay are done: the close is a courtesy.
+                    // A busy broker (seen with RabbitMQ 4 cancelling quorum-queue consumers
+                    // under load) may take longer to answer it than the whole grace period;
+                    // dropping the socket ends the connection just as well.
+                    let close = connection.close(200, "shutting down".into());
+                    match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => {
+                            warn!(error = %error, "Closing the RabbitMQ connection failed.")
+                        }
+                        Err(_) => warn!(
+                            timeout = ?CLOSE_TIMEOUT,
+                            "RabbitMQ did not confirm the close in time; dropping the connection."
+                        ),
                     }
                     break;
                 }
