@@ -76,7 +76,7 @@ fi
 
 if [[ ",$brokers," == *",3,"* ]]; then
   echo "=== The whole workspace against RabbitMQ 3 (${AMQP_URL:-127.0.0.1:5672}) ===" >&2
-  cargo test --workspace --locked "$@"
+  cargo test --workspace --locked --no-fail-fast "$@"
 fi
 
 if [[ ",$brokers," == *",4,"* ]]; then
@@ -85,7 +85,7 @@ if [[ ",$brokers," == *",4,"* ]]; then
   # The cluster test builds its own three 3.x nodes from the installed rabbitmq-server, so it
   # would only repeat itself; unit tests do not touch a broker.
   AMQP_URL="$rmq4_url" RABBITMQCTL="${rmq4_ctl:-rabbitmqctl}" \
-    cargo test --locked -p orderflow-server --test it --test resilience --test scale \
+    cargo test --locked --no-fail-fast -p orderflow-server --test it --test resilience --test scale \
       -p orderflow-client --test cli "$@" -- --skip cluster::
   if [ -z "${ORDERFLOW_TEST_RABBITMQ4_URL:-}" ]; then
     scripts/rabbitmq4.sh deprecations "$since"
