@@ -357,6 +357,7 @@ struct Wiring {
     faults: Faults,
     metrics: Metrics,
     dependencies: Dependencies,
+    intake: CancellationToken,
 }
 
 impl Wiring {
@@ -423,6 +424,7 @@ impl Wiring {
             faults,
             metrics: metrics.clone(),
             dependencies,
+            intake: stages.intake.clone(),
         }
     }
 
@@ -438,7 +440,8 @@ impl Wiring {
             queue.work.clone(),
             Arc::new(handler),
         )
-        .with_faults(self.faults.clone());
+        .with_faults(self.faults.clone())
+        .with_shutdown(self.intake.clone());
         if let Some(key) = dedup_key {
             inbox = inbox.with_dedup_key(key);
         }

@@ -329,6 +329,25 @@ pub fn is_conflict(error: &sqlx::Error) -> bool {
         .is_some_and(|code| matches!(code.as_ref(), "40P01" | "40001" | "55P03"))
 }
 
+/// Whether `error` means the database cannot be reached right now (no connection within the
+/// pool's timeout, a broken socket, the server shutting down or refusing connections): nothing
+/// about the work itself, which will succeed once the database is back.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Class 08: connection exception; 57P01-57P03: admin shutdown, crash shutdown,
+        // cannot connect now.
+        _ => error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0")),
+    }
+}
+
 /// A PostgreSQL schema name for `service` in `namespace`: `<namespace>_<service>`, lower-case,
 /// `-` turned into `_`; prefixed with `of_` where PostgreSQL reserves the name (`pg_…`).
 pub fn schema_name(namespace: &str, service: Service) -> String {
@@ -347,6 +366,17 @@ pub fn schema_name(namespace: &str, service: Service) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_database_is_told_apart_from_a_failing_query() {
+        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(is_unavailable(&sqlx::Error::PoolClosed));
+        assert!(is_unavailable(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+        assert!(!is_unavailable(&sqlx::Error::ColumnNotFound("x".into())));
+    }
 
     #[test]
     fn schema_names_are_safe_identifiers() {

@@ -8,6 +8,7 @@
 use std::{future::Future, sync::Arc};
 
 use sqlx::AnyConnection;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -107,6 +108,7 @@ pub struct Inbox<H> {
     handler: Arc<H>,
     dedup_key: DedupKey,
     faults: Faults,
+    shutdown: CancellationToken,
 }
 
 impl<H: Handler> Inbox<H> {
@@ -119,12 +121,19 @@ impl<H: Handler> Inbox<H> {
             handler,
             dedup_key: by_message_id,
             faults: Faults::default(),
+            shutdown: CancellationToken::new(),
         }
     }
 
     /// Injects `faults` (the crash-after-commit kind; handlers inject the others).
     pub fn with_faults(mut self, faults: Faults) -> Self {
         self.faults = faults;
+        self
+    }
+
+    /// Stops waiting out a database outage at `shutdown` (see [`Processor::process`]).
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
         self
     }
 
@@ -140,7 +149,7 @@ impl<H: Handler> Inbox<H> {
     async fn process_batch(
         &self,
         batch: &[Incoming],
-    ) -> Result<Vec<Result<(), HandleError>>, sqlx::Error> {
+    ) -> anyhow::Result<Vec<Result<(), HandleError>>> {
         let mut failed: Vec<Option<HandleError>> = batch.iter().map(|_| None).collect();
         let mut conflicts = 0;
         'attempt: loop {
@@ -163,6 +172,11 @@ impl<H: Handler> Inbox<H> {
                         after_commit.extend(callbacks);
                     }
                     Ok(None) => {}
+                    Err(error) if is_unavailable(&error) => {
+                        // The database went away mid-batch: not this message's fault.
+                        let _ = tx.rollback().await;
+                        return Err(error.into());
+                    }
                     Err(error) => {
                         tx.rollback().await?;
                         // Another instance's transaction got in the way, not this message:
@@ -184,7 +198,7 @@ impl<H: Handler> Inbox<H> {
                     conflict_pause(conflicts).await;
                     continue 'attempt;
                 }
-                return Err(error);
+                return Err(error.into());
             }
             if self.faults.crash_after_commit() {
                 tracing::error!("Injected fault: aborting after commit, before publishing.");
@@ -253,6 +267,22 @@ async fn conflict_pause(conflicts: u32) {
     tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
 }
 
+/// Whether a handler failed only because the database could not be reached.
+fn is_unavailable(error: &HandleError) -> bool {
+    match error {
+        HandleError::Transient(error) => unreachable_database(error),
+        HandleError::Permanent(_) => false,
+    }
+}
+
+fn unreachable_database(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(db::is_unavailable)
+    })
+}
+
 /// Whether a handler failed only because of a conflict with a concurrent transaction.
 fn is_conflict(error: &HandleError) -> bool {
     match error {
@@ -269,20 +299,51 @@ fn is_conflict(error: &HandleError) -> bool {
 type Applied = (usize, Vec<Box<dyn FnOnce() + Send>>);
 
 impl<H: Handler> Processor for Inbox<H> {
+    /// While the database cannot be reached, the batch is held (unacknowledged) and tried again
+    /// once it answers: an outage is nobody's message's fault, and spending the messages'
+    /// attempts on it would dead-letter them in any outage longer than the retry schedule.
     async fn process(&self, batch: &[Incoming]) -> Vec<Result<(), HandleError>> {
-        match self.process_batch(batch).await {
-            Ok(results) => results,
-            // Nothing of the batch was committed: every delivery is retried.
-            Err(error) => {
-                let error = anyhow::Error::new(error).context("database transaction failed");
-                batch
+        let mut pause = OUTAGE_PAUSE_MIN;
+        let mut waited = false;
+        loop {
+            let error = match self.process_batch(batch).await {
+                Ok(results) => {
+                    if waited {
+                        tracing::info!(queue = %self.queue, "The database answers again; carrying on.");
+                    }
+                    return results;
+                }
+                Err(error) => error,
+            };
+            if !unreachable_database(&error) || self.shutdown.is_cancelled() {
+                // Nothing of the batch was committed: every delivery is retried.
+                let error = error.context("database transaction failed");
+                return batch
                     .iter()
                     .map(|_| Err(HandleError::transient(anyhow::anyhow!("{error:#}"))))
-                    .collect()
+                    .collect();
             }
+            if !waited {
+                tracing::warn!(
+                    queue = %self.queue,
+                    held = batch.len(),
+                    error = %format!("{error:#}"),
+                    "The database cannot be reached; holding the batch until it answers."
+                );
+                waited = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.shutdown.cancelled() => {}
+            }
+            pause = (pause * 2).min(OUTAGE_PAUSE_MAX);
         }
     }
 }
+
+/// Pauses between tries of a batch while the database cannot be reached.
+const OUTAGE_PAUSE_MIN: std::time::Duration = std::time::Duration::from_millis(200);
+const OUTAGE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The CONSUMER span of one delivery, continuing the producer's trace from the headers.
 fn process_span(message: &Incoming, queue: &str, service: &'static str) -> tracing::Span {
