@@ -6,7 +6,8 @@
 #
 #   scripts/rabbitmq4.sh [start]     build the root if needed (1-4 minutes), start the node
 #   scripts/rabbitmq4.sh stop        stop the node (the root and its data are kept)
-#   scripts/rabbitmq4.sh delete      stop and remove the root
+#   scripts/rabbitmq4.sh delete      stop and remove the root; do this before deleting the checkout:
+#                                    while the node runs, /proc and (read-only) /dev are mounted in it
 #   scripts/rabbitmq4.sh status      rabbitmqctl status of the node
 #   scripts/rabbitmq4.sh url         the AMQP URL to give orderflow
 #   scripts/rabbitmq4.sh log         the node's log file, as a path on this machine
