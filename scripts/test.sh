@@ -69,6 +69,12 @@ rmq4_url="${ORDERFLOW_TEST_RABBITMQ4_URL:-}"
 rmq4_ctl="${ORDERFLOW_TEST_RABBITMQ4_CTL:-}"
 if [[ ",$brokers," == *",4,"* && -z "$rmq4_url" ]]; then
   echo "Bringing up RabbitMQ 4 on 127.0.0.1:5673 (scripts/rabbitmq4.sh)." >&2
+  # A node this run started is stopped when it ends, pass or fail: a detached broker left behind
+  # keeps /proc and /dev mounted inside the checkout, and a CI runner cannot remove its clone.
+  # A node that was already up is someone else's and stays up.
+  if ! scripts/rabbitmq4.sh ctl ping >/dev/null 2>&1; then
+    trap 'scripts/rabbitmq4.sh stop >&2' EXIT
+  fi
   scripts/rabbitmq4.sh start
   rmq4_url="$(scripts/rabbitmq4.sh url)"
   rmq4_ctl="$PWD/scripts/rabbitmq4.sh ctl"
