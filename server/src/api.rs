@@ -1,11 +1,12 @@
 //! The gRPC server: `orderflow.v1.OrderService` and `orderflow.v1.DeadLetters` (where the order
-//! service runs), the standard
-//! `grpc.health.v1.Health` service and server reflection, so `grpcurl` works with no .proto
-//! files. This module and its children are the only place tonic server types appear.
+//! service runs), the standard `grpc.health.v1.Health` service and server reflection, so
+//! `grpcurl` works with no .proto files. This module and its children are the only place tonic
+//! server types appear.
 
 pub mod auth;
 mod dead_letters;
 mod error;
+mod health;
 pub mod request;
 mod response;
 mod service;
@@ -19,13 +20,15 @@ use orderflow_proto::orderflow::v1::{
     dead_letters_server::DeadLettersServer, order_service_server::OrderServiceServer,
 };
 use sqlx::AnyPool;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{
     service::interceptor::InterceptedService,
     transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
-use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use self::auth::{Api, Tokens};
@@ -85,8 +88,6 @@ pub struct Security {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// Bearer tokens; anyone may call when `None`.
     pub tokens: Option<Arc<Tokens>>,
-    /// Extra CA (PEM) trusted for `amqps://` broker connections.
-    pub amqp_ca_cert: Option<String>,
     /// Largest request message accepted, after decompression.
     pub max_request_bytes: usize,
     /// Concurrent HTTP/2 streams (calls) per client connection.
@@ -109,16 +110,18 @@ impl tonic::service::Interceptor for Guard {
     }
 }
 
-/// Serves gRPC on `listener` until `shutdown`: health and reflection always (no token needed),
-/// `OrderService` and `DeadLetters` when given (where the order service runs).
+/// Serves gRPC on `listener` until `shutdown`: health (following `ready`) and reflection always
+/// (no token needed), `OrderService` and `DeadLetters` when given (where the order service runs).
 pub async fn serve(
     listener: TcpListener,
-    orders: Option<OrderApi>,
-    dead_letters: Option<DeadLetterApi>,
-    health: HealthServer<impl Health>,
+    apis: Option<(OrderApi, DeadLetterApi)>,
+    ready: watch::Receiver<bool>,
     security: Security,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let serves_orders = apis.is_some();
+    let (orders, dead_letters) = apis.unzip();
+    let (reporter, health) = health::service().await;
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
     // grpcurl 1.8 speaks only v1alpha.
     let reflection_v1alpha = reflection()
@@ -147,7 +150,7 @@ pub async fn serve(
             .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
             .context("configuring TLS")?;
     }
-    server
+    let server = server
         .max_concurrent_streams(Some(security.max_streams_per_connection))
         .trace_fn(request_span)
         .add_service(health)
@@ -160,9 +163,9 @@ pub async fn serve(
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),
-        )
-        .await
-        .context("gRPC server failed")
+        );
+    let (served, ()) = tokio::join!(server, health::report(reporter, ready, serves_orders));
+    served.context("gRPC server failed")
 }
 
 fn reflection() -> tonic_reflection::server::Builder<'static> {

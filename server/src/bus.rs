@@ -11,6 +11,7 @@
 //!
 //! Services see only [`Event`]s, [`Incoming`] messages and [`HandleError`]s.
 
+mod amqp_url;
 mod broker;
 mod consumer;
 pub mod dead_letters;
@@ -24,9 +25,10 @@ mod publisher;
 mod retry;
 pub mod topology;
 
+pub use amqp_url::AmqpUrl;
 pub use broker::{Broker, Link};
 pub use consumer::{Consumer, ParkFault, Processor, Settings as ConsumerSettings};
-pub use event::Event;
+pub use event::{Event, SagaEvent};
 pub use message::{Incoming, Outgoing};
 pub use outcome::{DeadLetterReason, HandleError, Settlement};
 pub use publisher::{PublishError, Publisher};

@@ -4,14 +4,16 @@
 //! whole surface and docker-compose only sets variables. Everything is parsed and checked before
 //! anything connects; `main` exits with 64 (EX_USAGE) listing every bad setting at once.
 
-use std::{
-    collections::BTreeSet, fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use secrecy::{ExposeSecret, SecretString};
 
-use crate::{bus::RetryPolicy, service::Service};
+use crate::{
+    bus::{AmqpUrl, RetryPolicy, Topology, management::ManagementUrl},
+    db::{DatabaseUrl, DbSync},
+    service::Service,
+    telemetry::LogFormat,
+};
 
 /// Settings of one `orderflow-server` process.
 #[derive(Debug, Clone, Parser)]
@@ -205,160 +207,6 @@ pub enum DeclareTopology {
     Verify,
 }
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// SQLite `synchronous` setting (see the `--db-sync` help).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DbSync {
-    /// Sync every commit.
-    Full,
-    /// Sync at checkpoints only.
-    Normal,
-}
-
-/// A validated AMQP URL whose password stays out of `Debug` and `Display`.
-#[derive(Clone)]
-pub struct AmqpUrl {
-    secret: SecretString,
-    redacted: String,
-    /// Why lapin would refuse it, if it would.
-    problem: Option<String>,
-}
-
-impl AmqpUrl {
-    /// The URL, password included, for connecting only: for a list, the whole list.
-    pub fn expose(&self) -> &str {
-        self.secret.expose_secret()
-    }
-
-    /// Each node of a comma-separated list (a cluster), in order; one for a single URL.
-    pub fn nodes(&self) -> Vec<AmqpUrl> {
-        self.expose()
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(|u| u.parse().unwrap_or_else(|never| match never {}))
-            .collect()
-    }
-
-    /// The URL with its password replaced by `***`, safe to log.
-    pub fn redacted(&self) -> &str {
-        &self.redacted
-    }
-}
-
-impl FromStr for AmqpUrl {
-    type Err = std::convert::Infallible;
-
-    /// Never fails: a malformed URL is reported by [`Config::validate`], redacted. (clap would
-    /// echo a refused value verbatim, password included.)
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        // lapin's parser is the one that will connect, so it decides what is valid. Its error
-        // text never contains the input, so it cannot leak the password.
-        let nodes: Vec<&str> = s.split(',').map(str::trim).collect();
-        let problem = if nodes.iter().any(|n| n.is_empty()) {
-            Some(
-                "empty entry in the list; expected amqp://user:password@host:port/vhost[,amqp://…]"
-                    .to_owned(),
-            )
-        } else {
-            nodes.iter().enumerate().find_map(|(i, node)| {
-                lapin::uri::AMQPUri::from_str(node).err().map(|e| {
-                    let which = if nodes.len() > 1 { format!(" (node {})", i + 1) } else { String::new() };
-                    format!("malformed AMQP URL{which} ({e}); expected amqp://user:password@host:port/vhost")
-                })
-            })
-        };
-        Ok(AmqpUrl {
-            secret: SecretString::from(s.to_owned()),
-            redacted: nodes
-                .iter()
-                .map(|n| redact(n))
-                .collect::<Vec<_>>()
-                .join(","),
-            problem,
-        })
-    }
-}
-
-impl fmt::Debug for AmqpUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted)
-    }
-}
-
-impl fmt::Display for AmqpUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted)
-    }
-}
-
-/// A database URL (PostgreSQL).
-pub type DatabaseUrl = SecretUrl;
-
-/// A RabbitMQ management API URL.
-pub type ManagementUrl = SecretUrl;
-
-/// A URL with credentials, whose password stays out of `Debug` and `Display`.
-#[derive(Clone)]
-pub struct SecretUrl {
-    secret: SecretString,
-    redacted: String,
-}
-
-impl SecretUrl {
-    /// The full URL, for connecting only.
-    pub fn expose(&self) -> &str {
-        self.secret.expose_secret()
-    }
-}
-
-impl FromStr for SecretUrl {
-    type Err = String;
-
-    /// Checked by [`Config::validate`] (clap would echo a refused value verbatim).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(SecretUrl {
-            secret: SecretString::from(s.to_owned()),
-            redacted: redact(s),
-        })
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted)
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted)
-    }
-}
-
-/// Replaces the password of `scheme://user:password@host…` with `***`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-        None => url.to_owned(),
-    }
-}
-
 impl Config {
     /// Checks what clap's types cannot express. Returns every problem, not just the first.
     pub fn validate(&self) -> Result<(), Vec<String>> {
@@ -371,8 +219,11 @@ impl Config {
                 "--database-url {url}: expected postgres://user@host/database"
             ));
         }
-        if let Some(problem) = &self.amqp_url.problem {
-            problems.push(format!("--amqp-url {}: {problem}", self.amqp_url.redacted));
+        if let Some(problem) = self.amqp_url.problem() {
+            problems.push(format!(
+                "--amqp-url {}: {problem}",
+                self.amqp_url.redacted()
+            ));
         }
         if let Some(url) = &self.management_url {
             let parsed = url::Url::parse(url.expose());
@@ -471,6 +322,31 @@ impl Config {
         }
     }
 
+    /// How every service endpoint of this process connects and consumes; `ca_cert` is the
+    /// content of `--amqp-ca-cert`.
+    pub fn endpoint(&self, ca_cert: Option<String>) -> crate::endpoint::Settings {
+        crate::endpoint::Settings {
+            amqp_url: self.amqp_url.clone(),
+            ca_cert,
+            management_url: self.management_url.clone(),
+            verify_topology: self.declare_topology == DeclareTopology::Verify,
+            retry: self.retry_policy(),
+            outbox: self.outbox_policy(),
+            prefetch: self.prefetch,
+            max_message_bytes: self.max_message_bytes,
+            faults: self.faults.clone(),
+        }
+    }
+
+    /// The namespace's exchanges and queues.
+    pub fn topology(&self) -> Topology {
+        Topology::new(
+            self.namespace.clone(),
+            self.retry_max_attempts.saturating_sub(1),
+            self.delivery_limit,
+        )
+    }
+
     /// The retry policy every consumer of this process applies.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
@@ -496,57 +372,6 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         Config::try_parse_from(std::iter::once("orderflow-server").chain(args.iter().copied()))
-    }
-
-    #[test]
-    fn redacts_password_but_keeps_the_rest() {
-        assert_eq!(
-            redact("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            redact("amqp://127.0.0.1:5672/%2f"),
-            "amqp://127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact("amqp://user@host/vhost"), "amqp://user@host/vhost");
-        assert_eq!(
-            redact("amqps://u:p%40ss@h:5671/a@b"),
-            "amqps://u:***@h:5671/a@b"
-        );
-    }
-
-    #[test]
-    fn url_never_shows_its_password() {
-        let url: AmqpUrl = "amqp://svc:hunter2@localhost:5672/%2f".parse().unwrap();
-        assert!(!format!("{url:?} {url}").contains("hunter2"));
-        assert_eq!(url.expose(), "amqp://svc:hunter2@localhost:5672/%2f");
-    }
-
-    #[test]
-    fn a_cluster_is_a_list_of_node_urls() {
-        let url: AmqpUrl = "amqp://svc:pw@h1:5672/%2f, amqp://svc:pw@h2:5673/%2f"
-            .parse()
-            .unwrap();
-        let nodes: Vec<_> = url.nodes().iter().map(|n| n.expose().to_owned()).collect();
-        assert_eq!(
-            nodes,
-            ["amqp://svc:pw@h1:5672/%2f", "amqp://svc:pw@h2:5673/%2f"]
-        );
-        assert_eq!(
-            url.redacted(),
-            "amqp://svc:***@h1:5672/%2f,amqp://svc:***@h2:5673/%2f"
-        );
-        assert!(url.problem.is_none());
-        let bad: AmqpUrl = "amqp://svc:pw@h1:5672/%2f,amqp://svc:pw@h2:x/%2f"
-            .parse()
-            .unwrap();
-        assert!(
-            bad.problem.as_deref().unwrap().contains("node 2"),
-            "{:?}",
-            bad.problem
-        );
-        let empty: AmqpUrl = "amqp://svc:pw@h1:5672/%2f,".parse().unwrap();
-        assert!(empty.problem.is_some());
     }
 
     #[test]

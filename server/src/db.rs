@@ -25,10 +25,22 @@ use sqlx::{
 };
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use crate::{config::DbSync, service::Service};
+use crate::service::Service;
 
 /// Key of the PostgreSQL advisory lock taken while creating a schema.
 const SCHEMA_LOCK: i64 = 0x6f72_6465_7266_6c6f; // "orderflo"
+
+/// A PostgreSQL URL (`--database-url`).
+pub type DatabaseUrl = crate::secret_url::SecretUrl;
+
+/// SQLite `synchronous` setting (see the `--db-sync` help).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DbSync {
+    /// Sync every commit.
+    Full,
+    /// Sync at checkpoints only.
+    Normal,
+}
 
 /// Which engine a database runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,17 +1,16 @@
-//! What a process tells `grpc.health.v1.Health` and `/metrics` about whether it can work:
+//! Whether a process can work, as `grpc.health.v1.Health` (through `api`) and `/metrics` tell it:
 //! SERVING only while, for every service it runs, the broker connection is up, the broker is
 //! not blocking its publishes (a memory or disk alarm), and its database answers. A pause from
 //! any of these shows for as long as it lasts, as NOT_SERVING and as the gauges
 //! `orderflow_broker_connected`, `orderflow_broker_blocked` and `orderflow_database_up`.
 //!
-//! Called by `app`, which owns the tasks; nothing here acts on the pause: the services ride it
+//! Each service's endpoint registers its dependencies; nothing here acts on the pause: the services ride it
 //! out on their own (outbox, retries), this only makes it visible.
 
 use std::{future::Future, pin::Pin, time::Duration};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
 use crate::{bus::Broker, db::Database, metrics, service::Service};
@@ -84,62 +83,58 @@ pub fn watch_database(
     (rx, task)
 }
 
-/// Keeps the health status in step with `dependencies` until `shutdown`, then reports
-/// NOT_SERVING.
-pub async fn report(
-    health: HealthReporter,
+/// Follows `dependencies` until `shutdown`: the receiver is `true` while every one of them can
+/// work, and turns `false` (then closes) at shutdown. Starts `false`: nothing has connected yet,
+/// and a probe answered before the first broker connection would be told a lie.
+pub fn readiness(
     mut dependencies: Vec<Dependencies>,
-    serves_orders: bool,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut links: Vec<_> = dependencies.iter().map(|d| d.broker.subscribe()).collect();
-    let mut blocks: Vec<_> = dependencies
-        .iter()
-        .map(|d| d.broker.subscribe_blocked())
-        .collect();
-    loop {
-        // Mark everything seen before reading, so a change after the read wakes the wait.
-        links.iter_mut().for_each(|w| drop(w.borrow_and_update()));
-        blocks.iter_mut().for_each(|w| drop(w.borrow_and_update()));
-        dependencies
-            .iter_mut()
-            .for_each(|d| drop(d.database_up.borrow_and_update()));
-        let status = if dependencies.iter().all(Dependencies::ready) {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        health.set_service_status("", status).await;
-        if serves_orders {
-            health
-                .set_service_status("orderflow.v1.OrderService", status)
-                .await;
-        }
-        let mut changes: Vec<Change<'_>> = Vec::new();
-        changes.extend(
-            links
-                .iter_mut()
-                .map(|w| Box::pin(w.changed()) as Change<'_>),
-        );
-        changes.extend(
-            blocks
-                .iter_mut()
-                .map(|w| Box::pin(w.changed()) as Change<'_>),
-        );
-        changes.extend(
+) -> (
+    watch::Receiver<bool>,
+    impl Future<Output = anyhow::Result<()>> + Send + 'static,
+) {
+    let (ready, rx) = watch::channel(false);
+    let task = async move {
+        let mut links: Vec<_> = dependencies.iter().map(|d| d.broker.subscribe()).collect();
+        let mut blocks: Vec<_> = dependencies
+            .iter()
+            .map(|d| d.broker.subscribe_blocked())
+            .collect();
+        loop {
+            // Mark everything seen before reading, so a change after the read wakes the wait.
+            links.iter_mut().for_each(|w| drop(w.borrow_and_update()));
+            blocks.iter_mut().for_each(|w| drop(w.borrow_and_update()));
             dependencies
                 .iter_mut()
-                .map(|d| Box::pin(d.database_up.changed()) as Change<'_>),
-        );
-        let changed = futures_util::future::select_all(changes);
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                health.set_service_status("", ServingStatus::NotServing).await;
-                return Ok(());
+                .for_each(|d| drop(d.database_up.borrow_and_update()));
+            ready.send_replace(dependencies.iter().all(Dependencies::ready));
+            let mut changes: Vec<Change<'_>> = Vec::new();
+            changes.extend(
+                links
+                    .iter_mut()
+                    .map(|w| Box::pin(w.changed()) as Change<'_>),
+            );
+            changes.extend(
+                blocks
+                    .iter_mut()
+                    .map(|w| Box::pin(w.changed()) as Change<'_>),
+            );
+            changes.extend(
+                dependencies
+                    .iter_mut()
+                    .map(|d| Box::pin(d.database_up.changed()) as Change<'_>),
+            );
+            let changed = futures_util::future::select_all(changes);
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    ready.send_replace(false);
+                    return Ok(());
+                }
+                _ = changed => {}
             }
-            _ = changed => {}
         }
-    }
+    };
+    (rx, task)
 }
 
 /// Gauges for one service: broker connected, broker blocking its publishes, database up.

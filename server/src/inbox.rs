@@ -125,7 +125,8 @@ impl<H: Handler> Inbox<H> {
         }
     }
 
-    /// Injects `faults` (the crash-after-commit kind; handlers inject the others).
+    /// Injects `faults`: handler failures and panics before the handler runs, and the crash
+    /// after a commit.
     pub fn with_faults(mut self, faults: Faults) -> Self {
         self.faults = faults;
         self
@@ -250,6 +251,9 @@ impl<H: Handler> Inbox<H> {
             staged: 0,
             after_commit: Vec::new(),
         };
+        // Injected faults act here, where a real handler failure would surface, so no domain
+        // handler carries test code.
+        self.faults.inject(message)?;
         self.handler.handle(&mut cx, message).await?;
         Ok(Some((cx.staged, cx.after_commit)))
     }

@@ -1,8 +1,9 @@
 //! The Order service: accepts orders (through `api`), persists them with their status history,
 //! and moves them through the saga as Inventory's and Payment's events arrive.
 //!
+//! - [`start`]: the service's endpoint: which handler consumes which queue;
 //! - [`status`]: the state machine;
-//! - [`store`]: orders in SQLite;
+//! - [`store`]: orders in the database;
 //! - [`handler`]: reactions to saga events and to dead letters;
 //! - [`dead_letters`]: the namespace's dead letters, kept for people to browse and replay;
 //! - [`placement`]: group commit of new orders;
@@ -18,6 +19,68 @@ pub mod watch;
 use serde::{Deserialize, Serialize};
 
 pub use status::Status;
+
+use self::{
+    dead_letters::DeadLetterStore,
+    handler::{DeadLetterHandler, SagaHandler},
+    placement::Placements,
+    watch::Hub,
+};
+use crate::{
+    bus::topology::Source,
+    db::Database,
+    endpoint::Endpoint,
+    service::Service,
+    shutdown::{Stage, Stages},
+};
+
+/// The running Order service, as the API serves it.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// Orders, for reads.
+    pub database: Database,
+    /// Where new orders go.
+    pub placements: Placements,
+    /// Wake-ups for watch streams.
+    pub hub: Hub,
+    /// The namespace's dead letters.
+    pub dead_letters: DeadLetterStore,
+}
+
+/// Starts Order on `endpoint`: the saga handler on its event queues, the dead-letter intake,
+/// the placement writer and the follower that wakes watch streams for other instances' changes.
+pub fn start(endpoint: &Endpoint, stages: &mut Stages) -> Running {
+    let (database, topology, metrics) =
+        (endpoint.database(), endpoint.topology(), endpoint.metrics());
+    let hub = Hub::default();
+    for queue in topology.queues_of(Service::Order) {
+        match queue.subscription.source {
+            Source::Events => {
+                let handler = SagaHandler::new(hub.clone(), metrics.clone());
+                endpoint.consume(queue, handler, stages);
+            }
+            Source::DeadLetters => {
+                let work_queues = topology.all_queues().into_iter().map(|q| q.work).collect();
+                let handler = DeadLetterHandler::new(hub.clone(), metrics.clone(), work_queues);
+                endpoint.consume_dead_letters(queue, handler, DeadLetterHandler::dedup_key, stages);
+            }
+        }
+    }
+    stages.spawn(Stage::Intake, |stop| {
+        hub.clone().follow(database.clone(), stop)
+    });
+    let (placements, writer) =
+        placement::writer(database.clone(), endpoint.outbox().clone(), hub.clone());
+    stages.spawn(Stage::Intake, |stop| writer.run(stop));
+    let store = DeadLetterStore::new(database.clone(), endpoint.outbox().clone());
+    metrics.probe(dead_letters::depth_probe(store.clone(), topology.clone()));
+    Running {
+        database: database.clone(),
+        placements,
+        hub,
+        dead_letters: store,
+    }
+}
 
 /// A validated request for a new order.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -145,3 +145,29 @@ impl Outbox {
         self.inner.wake.notified().await;
     }
 }
+
+/// Outbox rows not yet published, read at scrape time.
+pub fn backlog_probe(service: Service, pool: sqlx::AnyPool) -> crate::metrics::Probe {
+    Box::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            // Bounded: with the database gone the pool waits for a connection far longer
+            // than a scrape may take, and the other readings (database_up first) must still
+            // come through.
+            let backlog = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM outbox").fetch_one(&pool),
+            )
+            .await;
+            match backlog {
+                Ok(Ok((n,))) => vec![(
+                    "orderflow_outbox_backlog",
+                    "Events committed but not yet confirmed by the broker.",
+                    vec![("service", service.service_name().to_owned())],
+                    n as f64,
+                )],
+                Ok(Err(_)) | Err(_) => vec![],
+            }
+        })
+    })
+}

@@ -27,7 +27,7 @@ use tracing_subscriber::{
 };
 
 use self::export::ServiceRouter;
-use crate::{config::LogFormat, service::Service};
+use crate::service::Service;
 
 /// Default filter when `RUST_LOG` is unset: lifecycle events, one line per message handled or
 /// published (`orderflow::message`), warnings from everything else. lapin is silenced: every
@@ -50,6 +50,15 @@ pub struct Settings {
     pub service_name: Option<String>,
     /// The services this process runs.
     pub services: Vec<Service>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Keeps the tracer provider; [`Telemetry::shutdown`] flushes what is still queued.

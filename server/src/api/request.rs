@@ -1,13 +1,10 @@
 //! Parsing API requests into validated domain values ("parse, don't validate"). Every rule and
 //! limit of the public API lives here, and every violation names its field.
 
-use orderflow_proto::orderflow::v1 as pb;
+use orderflow_proto::{orderflow::v1 as pb, valid_sku};
 
 use super::error::{Error, Violation};
-use crate::{
-    inventory::catalog::valid_sku,
-    order::{Line, NewOrder},
-};
+use crate::order::{Line, NewOrder};
 
 /// Most lines in one order.
 pub const MAX_ITEMS: usize = 100;

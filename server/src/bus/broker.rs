@@ -15,8 +15,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::{AmqpUrl, management::ManagementUrl};
 use super::{Topology, management::Management, topology::Declare};
-use crate::config::{AmqpUrl, ManagementUrl};
 
 /// Heartbeat asked of the broker when the URL does not set one, so a silently dead peer (a
 /// network blip, a paused VM) is noticed within seconds rather than RabbitMQ's default minute.
@@ -309,9 +309,8 @@ impl Broker {
                     self.inner.management_url.as_ref(),
                     self.inner.ca_cert.as_deref(),
                 )?;
-                self.inner
-                    .topology
-                    .verify(&management, service)
+                management
+                    .verify(&self.inner.topology, service)
                     .await
                     .context("checking the pre-declared topology")?;
             }

@@ -23,7 +23,7 @@ use super::{
     failure::Failure,
     message::republishable,
     outcome::{Settlement, settle},
-    topology::{QueueNames, header},
+    topology::{QueueNames, Source, header},
 };
 use crate::{metrics::Metrics, service::Service};
 
@@ -213,19 +213,29 @@ impl<P: Processor> Consumer<P> {
         Ok(())
     }
 
-    /// Passes a delivery on to be processed, unless it is larger than the limit: such a message
-    /// is dead-lettered unread (decoding it could cost more than it is worth).
-    async fn admit(&self, incoming: Incoming) -> anyhow::Result<Option<Incoming>> {
+    /// Passes a delivery on to be processed, decoded into its [`super::SagaEvent`] on event
+    /// queues. A message larger than the limit is dead-lettered unread (decoding it could cost
+    /// more than it is worth), and one that does not decode is dead-lettered before any handler
+    /// sees it.
+    async fn admit(&self, mut incoming: Incoming) -> anyhow::Result<Option<Incoming>> {
         let size = incoming.body().len();
-        if size <= self.max_message_bytes {
-            return Ok(Some(incoming));
+        let admitted = if size > self.max_message_bytes {
+            Err(HandleError::permanent(anyhow::anyhow!(
+                "message of {size} bytes exceeds the limit of {} bytes",
+                self.max_message_bytes
+            )))
+        } else if self.queue.subscription.source == Source::Events {
+            incoming.decode()
+        } else {
+            Ok(())
+        };
+        match admitted {
+            Ok(()) => Ok(Some(incoming)),
+            Err(error) => {
+                self.settle(&incoming, Err(error)).await?;
+                Ok(None)
+            }
         }
-        let error = HandleError::permanent(anyhow::anyhow!(
-            "message of {size} bytes exceeds the limit of {} bytes",
-            self.max_message_bytes
-        ));
-        self.settle(&incoming, Err(error)).await?;
-        Ok(None)
     }
 
     /// Runs the processor; if it panics, runs each delivery alone so only the culprit fails.

@@ -1,10 +1,12 @@
 //! The link between the generated event types and the bus: each event's routing key and the
-//! order it belongs to. The AMQP `type` property is the proto's fully qualified name
-//! (`prost::Name::full_name`), so a consumer can tell events apart before decoding.
+//! order it belongs to, and [`SagaEvent`], the one place a delivery becomes a typed event. The
+//! AMQP `type` property is the proto's fully qualified name (`prost::Name::full_name`), so the
+//! consumer decodes each delivery once, at the edge, and handlers match on the result.
 
 use orderflow_proto::orderflow::v1 as pb;
+use prost::Name as _;
 
-use super::topology::routing_key;
+use super::{HandleError, topology::routing_key};
 
 /// An event carried on `<ns>.events`.
 pub trait Event: prost::Message + prost::Name + Default + Send + Sync + 'static {
@@ -34,6 +36,85 @@ event!(pb::InventoryReleased, routing_key::INVENTORY_RELEASED);
 event!(pb::PaymentProcessed, routing_key::PAYMENT_PROCESSED);
 event!(pb::PaymentFailed, routing_key::PAYMENT_FAILED);
 
+/// Every event of the saga, decoded from a delivery's `type` property and body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SagaEvent {
+    /// Order accepted an order.
+    OrderCreated(pb::OrderCreated),
+    /// Inventory reserved every line.
+    InventoryReserved(pb::InventoryReserved),
+    /// Inventory could not reserve the order.
+    InventoryRejected(pb::InventoryRejected),
+    /// Inventory gave back a reservation after a failed payment.
+    InventoryReleased(pb::InventoryReleased),
+    /// Payment charged the order.
+    PaymentProcessed(pb::PaymentProcessed),
+    /// Payment declined the order.
+    PaymentFailed(pb::PaymentFailed),
+}
+
+impl SagaEvent {
+    /// Decodes a delivery. An unknown or missing `type`, or a body that is not that type, is a
+    /// permanent failure: no retry can change what was sent.
+    pub fn decode(kind: Option<&str>, body: &[u8]) -> Result<SagaEvent, HandleError> {
+        fn body_of<E: Event>(body: &[u8]) -> Result<E, HandleError> {
+            E::decode(body).map_err(|e| {
+                HandleError::permanent(
+                    anyhow::Error::new(e)
+                        .context(format!("body does not decode as `{}`", E::full_name())),
+                )
+            })
+        }
+        let Some(kind) = kind else {
+            return Err(HandleError::permanent(anyhow::anyhow!(
+                "message has no `type` property"
+            )));
+        };
+        Ok(match kind {
+            k if k == pb::OrderCreated::full_name() => SagaEvent::OrderCreated(body_of(body)?),
+            k if k == pb::InventoryReserved::full_name() => {
+                SagaEvent::InventoryReserved(body_of(body)?)
+            }
+            k if k == pb::InventoryRejected::full_name() => {
+                SagaEvent::InventoryRejected(body_of(body)?)
+            }
+            k if k == pb::InventoryReleased::full_name() => {
+                SagaEvent::InventoryReleased(body_of(body)?)
+            }
+            k if k == pb::PaymentProcessed::full_name() => {
+                SagaEvent::PaymentProcessed(body_of(body)?)
+            }
+            k if k == pb::PaymentFailed::full_name() => SagaEvent::PaymentFailed(body_of(body)?),
+            other => {
+                return Err(HandleError::permanent(anyhow::anyhow!(
+                    "unknown message type `{other}`"
+                )));
+            }
+        })
+    }
+
+    /// The fully qualified proto name, as in the AMQP `type` property.
+    pub fn name(&self) -> String {
+        match self {
+            SagaEvent::OrderCreated(_) => pb::OrderCreated::full_name(),
+            SagaEvent::InventoryReserved(_) => pb::InventoryReserved::full_name(),
+            SagaEvent::InventoryRejected(_) => pb::InventoryRejected::full_name(),
+            SagaEvent::InventoryReleased(_) => pb::InventoryReleased::full_name(),
+            SagaEvent::PaymentProcessed(_) => pb::PaymentProcessed::full_name(),
+            SagaEvent::PaymentFailed(_) => pb::PaymentFailed::full_name(),
+        }
+    }
+
+    /// The failure of a handler that was given an event it does not handle: the topology bound
+    /// its queue to a routing key it should not have, or a producer mislabelled a message.
+    pub fn unexpected(&self, service: &str) -> HandleError {
+        HandleError::permanent(anyhow::anyhow!(
+            "{service} does not handle message type `{}`",
+            self.name()
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Name as _;
@@ -48,5 +129,32 @@ mod tests {
             <pb::InventoryReserved as Event>::ROUTING_KEY,
             "inventory.reserved"
         );
+    }
+
+    #[test]
+    fn decodes_by_type_and_refuses_the_rest() {
+        let event = pb::PaymentFailed {
+            order_id: "o-1".into(),
+            ..Default::default()
+        };
+        let body = prost::Message::encode_to_vec(&event);
+        let name = pb::PaymentFailed::full_name();
+        assert_eq!(
+            SagaEvent::decode(Some(&name), &body).unwrap(),
+            SagaEvent::PaymentFailed(event)
+        );
+        for (kind, body) in [
+            (None, body.as_slice()),
+            (Some("orderflow.v1.Shipped"), body.as_slice()),
+            (Some(name.as_str()), &[0xff, 0xff][..]),
+        ] {
+            assert!(
+                matches!(
+                    SagaEvent::decode(kind, body),
+                    Err(HandleError::Permanent(_))
+                ),
+                "{kind:?}"
+            );
+        }
     }
 }

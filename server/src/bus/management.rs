@@ -27,11 +27,17 @@ use tokio_rustls::{
     rustls::{self, RootCertStore, pki_types::CertificateDer, pki_types::pem::PemObject as _},
 };
 
-use super::topology::{
-    VerifyError,
-    spec::{Argument, Found, FoundExchange, FoundQueue, Spec},
+use super::{
+    AmqpUrl, Topology,
+    topology::{
+        VerifyError,
+        spec::{self, Argument, Found, FoundExchange, FoundQueue, Spec},
+    },
 };
-use crate::config::{AmqpUrl, ManagementUrl};
+use crate::service::Service;
+
+/// A RabbitMQ management API URL (`--management-url`).
+pub type ManagementUrl = crate::secret_url::SecretUrl;
 
 /// Default management port for `amqp://` (HTTP) and `amqps://` (HTTPS) brokers.
 const HTTP_PORT: u16 = 15672;
@@ -137,6 +143,24 @@ impl Management {
     /// The endpoint, without credentials.
     pub fn url(&self) -> &str {
         &self.shown
+    }
+
+    /// Checks, without changing anything, that the exchanges, queues (type and arguments) and
+    /// bindings `service` uses are exactly as [`Topology::spec`] says, and reports every
+    /// difference at once. AMQP cannot read a queue's arguments; the management API can.
+    pub async fn verify(&self, topology: &Topology, service: Service) -> Result<(), VerifyError> {
+        let spec = topology.spec().used_by(service);
+        let found = self.read(&spec).await?;
+        let mismatches = spec::compare(&spec, &found);
+        if mismatches.is_empty() {
+            Ok(())
+        } else {
+            Err(VerifyError::Mismatch {
+                namespace: topology.namespace().to_owned(),
+                service,
+                mismatches,
+            })
+        }
     }
 
     /// What the broker has of every exchange and queue `spec` names, with each found queue's

@@ -10,7 +10,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
-use super::{Event, HandleError, topology::header};
+use super::{Event, HandleError, SagaEvent, topology::header};
 
 /// Content type of every event body: one prost-encoded message.
 pub const CONTENT_TYPE: &str = "application/x-protobuf";
@@ -47,6 +47,15 @@ impl Outgoing {
             ),
             body: event.encode_to_vec(),
         }
+    }
+
+    /// Carries `context` (W3C trace context and baggage) in its headers, so the consumer's
+    /// span continues the trace.
+    pub fn with_trace_context(mut self, context: &opentelemetry::Context) -> Self {
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
+        super::propagation::inject(context, &mut headers);
+        self.properties = self.properties.with_headers(headers);
+        self
     }
 
     /// Sets (or replaces) a header.
@@ -141,6 +150,7 @@ pub fn now_secs() -> u64 {
 pub struct Incoming {
     pub(super) delivery: Delivery,
     received_at: std::time::Instant,
+    event: Option<SagaEvent>,
 }
 
 impl Incoming {
@@ -148,6 +158,7 @@ impl Incoming {
         Incoming {
             delivery,
             received_at: std::time::Instant::now(),
+            event: None,
         }
     }
 
@@ -211,34 +222,40 @@ impl Incoming {
         self.received_at.elapsed()
     }
 
-    /// Decodes the body as `E`, checking the `type` property first. A mismatch or a body that
-    /// does not decode is permanent: retrying cannot fix it.
-    pub fn decode<E: Event>(&self) -> Result<E, HandleError> {
-        decode_event(self.kind(), self.body())
+    /// The saga event it carries, decoded once by the consumer. A queue whose messages are not
+    /// decoded (the dead-letter intake) has none, and asking is a permanent failure.
+    pub fn event(&self) -> Result<&SagaEvent, HandleError> {
+        self.event.as_ref().ok_or_else(|| {
+            HandleError::permanent(anyhow::anyhow!(
+                "message of type `{}` was not decoded as a saga event",
+                self.kind().unwrap_or("?")
+            ))
+        })
     }
-}
 
-/// Decodes `body` as `E` if `kind` (the AMQP `type`) names it. Never panics, whatever the bytes.
-pub fn decode_event<E: Event>(kind: Option<&str>, body: &[u8]) -> Result<E, HandleError> {
-    let expected = E::full_name();
-    match kind {
-        Some(kind) if kind == expected => {}
-        Some(kind) => {
-            return Err(HandleError::permanent(anyhow::anyhow!(
-                "unexpected message type `{kind}` (expected `{expected}`)"
-            )));
-        }
-        None => {
-            return Err(HandleError::permanent(anyhow::anyhow!(
-                "message has no `type` property (expected `{expected}`)"
-            )));
-        }
+    /// Decodes the body into [`Incoming::event`]; fails permanently if it is no saga event.
+    pub(super) fn decode(&mut self) -> Result<(), HandleError> {
+        self.event = Some(SagaEvent::decode(self.kind(), self.body())?);
+        Ok(())
     }
-    E::decode(body).map_err(|e| {
-        HandleError::permanent(
-            anyhow::Error::new(e).context(format!("body does not decode as `{expected}`")),
+
+    /// How often the broker has dead-lettered it: the sum of the `count`s of its `x-death`
+    /// entries.
+    pub fn death_count(&self) -> Option<u64> {
+        let AMQPValue::FieldArray(deaths) = self.headers()?.inner().get("x-death")? else {
+            return None;
+        };
+        Some(
+            deaths
+                .as_slice()
+                .iter()
+                .filter_map(|d| match d {
+                    AMQPValue::FieldTable(t) => t.inner().get("count").and_then(as_u64),
+                    _ => None,
+                })
+                .sum(),
         )
-    })
+    }
 }
 
 /// A string-valued header, whatever AMQP string type the producer chose.
@@ -288,16 +305,16 @@ mod tests {
         use rand::{Rng as _, SeedableRng as _};
 
         fn all(body: &[u8]) {
-            let _ = decode_event::<pb::OrderCreated>(Some("orderflow.v1.OrderCreated"), body);
-            let _ =
-                decode_event::<pb::InventoryReserved>(Some("orderflow.v1.InventoryReserved"), body);
-            let _ =
-                decode_event::<pb::InventoryRejected>(Some("orderflow.v1.InventoryRejected"), body);
-            let _ =
-                decode_event::<pb::InventoryReleased>(Some("orderflow.v1.InventoryReleased"), body);
-            let _ =
-                decode_event::<pb::PaymentProcessed>(Some("orderflow.v1.PaymentProcessed"), body);
-            let _ = decode_event::<pb::PaymentFailed>(Some("orderflow.v1.PaymentFailed"), body);
+            for kind in [
+                "orderflow.v1.OrderCreated",
+                "orderflow.v1.InventoryReserved",
+                "orderflow.v1.InventoryRejected",
+                "orderflow.v1.InventoryReleased",
+                "orderflow.v1.PaymentProcessed",
+                "orderflow.v1.PaymentFailed",
+            ] {
+                let _ = SagaEvent::decode(Some(kind), body);
+            }
         }
 
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x0f10_0f10);
@@ -333,20 +350,11 @@ mod tests {
             let mut body = prefix.to_vec();
             body.extend_from_slice(b"short");
             all(&body);
-            assert!(
-                decode_event::<pb::OrderCreated>(Some("orderflow.v1.OrderCreated"), &body).is_err()
-            );
+            assert!(SagaEvent::decode(Some("orderflow.v1.OrderCreated"), &body).is_err());
         }
-        assert!(
-            decode_event::<pb::InventoryReserved>(Some("orderflow.v1.InventoryReserved"), &valid)
-                .is_ok()
-        );
+        assert!(SagaEvent::decode(Some("orderflow.v1.InventoryReserved"), &valid).is_ok());
         assert!(matches!(
-            decode_event::<pb::InventoryReserved>(Some("orderflow.v1.OrderCreated"), &valid),
-            Err(HandleError::Permanent(_))
-        ));
-        assert!(matches!(
-            decode_event::<pb::InventoryReserved>(None, &valid),
+            SagaEvent::decode(None, &valid),
             Err(HandleError::Permanent(_))
         ));
     }

@@ -30,7 +30,6 @@ use lapin::{
 };
 
 use self::spec::{Argument, BindingSpec, ExchangeKind, ExchangeSpec, Mismatch, QueueSpec, Spec};
-use super::management::Management;
 use crate::service::Service;
 
 /// Routing keys of the events on `<ns>.events`.
@@ -423,28 +422,6 @@ impl Topology {
                 .await?;
         }
         Ok(())
-    }
-
-    /// Checks, without changing anything, that the exchanges, queues (type and arguments) and
-    /// bindings `service` uses are exactly as [`Topology::spec`] says, and reports every
-    /// difference at once. Reads them through the management API: AMQP cannot.
-    pub async fn verify(
-        &self,
-        management: &Management,
-        service: Service,
-    ) -> Result<(), VerifyError> {
-        let spec = self.spec().used_by(service);
-        let found = management.read(&spec).await?;
-        let mismatches = spec::compare(&spec, &found);
-        if mismatches.is_empty() {
-            Ok(())
-        } else {
-            Err(VerifyError::Mismatch {
-                namespace: self.namespace.clone(),
-                service,
-                mismatches,
-            })
-        }
     }
 
     /// Deletes every queue and exchange of the namespace (test clean-up, `reset` tooling).

@@ -7,8 +7,7 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 use sqlx::AnyPool;
 
 use crate::{
-    config::DbSync,
-    db::{Database, Location},
+    db::{Database, DbSync, Location},
     service::Service,
 };
 

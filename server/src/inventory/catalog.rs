@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
+use orderflow_proto::valid_sku;
 use serde::Deserialize;
 
 /// One catalog entry.
@@ -77,14 +78,6 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<Entry>> {
         );
     }
     Ok(entries)
-}
-
-/// Whether `sku` is a well-formed SKU (the same rule the API applies).
-pub fn valid_sku(sku: &str) -> bool {
-    (1..=64).contains(&sku.len())
-        && sku
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// Adds catalog entries that the stock table does not have yet; returns how many were added.

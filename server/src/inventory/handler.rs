@@ -2,13 +2,11 @@
 //! payment failed. Each outcome is staged in the outbox in the same transaction.
 
 use orderflow_proto::orderflow::v1 as pb;
-use prost::Name as _;
 use tracing::debug;
 
 use super::stock::{self, Decision};
 use crate::{
-    bus::{HandleError, Incoming},
-    fault::Faults,
+    bus::{HandleError, Incoming, SagaEvent},
     inbox::{Context, Handler},
     time,
 };
@@ -17,86 +15,78 @@ use crate::{
 const MAX_LINES: usize = 100;
 
 /// Handles `OrderCreated` and `PaymentFailed`.
-#[derive(Debug, Clone)]
-pub struct InventoryHandler {
-    faults: Faults,
-}
-
-impl InventoryHandler {
-    /// A handler that injects `faults` (none in production).
-    pub fn new(faults: Faults) -> Self {
-        InventoryHandler { faults }
-    }
-}
+#[derive(Debug, Clone, Default)]
+pub struct InventoryHandler;
 
 impl Handler for InventoryHandler {
     async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
-        let kind = message.kind().unwrap_or_default();
-        if kind == pb::OrderCreated::full_name() {
-            let event: pb::OrderCreated = message.decode()?;
-            check(&event)?;
-            self.faults.inject(message)?;
-            // A batch reserves many orders' SKUs in no global order: row locks alone would
-            // let two instances' batches deadlock.
-            cx.serialize("stock").await?;
-            let lock = cx.for_update();
-            match stock::reserve(cx.conn(), &event.order_id, &event.items, lock)
-                .await
-                .map_err(HandleError::transient)?
-            {
-                Decision::Reserved { lines, total_cents } => {
-                    cx.publish(&pb::InventoryReserved {
-                        order_id: event.order_id,
-                        items: lines.into_iter().map(Into::into).collect(),
-                        total_cents,
-                        customer_id: event.customer_id,
-                        reserved_at: Some(time::now_timestamp()),
-                    })
-                    .await?;
-                }
-                Decision::Rejected {
-                    reason,
-                    shortfalls,
-                    detail,
-                } => {
-                    cx.publish(&pb::InventoryRejected {
-                        order_id: event.order_id,
-                        reason: reason.into(),
-                        shortfalls,
-                        detail,
-                        rejected_at: Some(time::now_timestamp()),
-                    })
-                    .await?;
-                }
-                Decision::AlreadyDecided => {
-                    debug!(order.id = %event.order_id, "Order already decided; its outcome is in the outbox.");
-                }
-            }
-            Ok(())
-        } else if kind == pb::PaymentFailed::full_name() {
-            let event: pb::PaymentFailed = message.decode()?;
-            self.faults.inject(message)?;
-            cx.serialize("stock").await?;
-            let lock = cx.for_update();
-            if let Some(lines) = stock::release(cx.conn(), &event.order_id, lock)
-                .await
-                .map_err(HandleError::transient)?
-            {
-                cx.publish(&pb::InventoryReleased {
-                    order_id: event.order_id,
-                    items: lines.into_iter().map(Into::into).collect(),
-                    reason: format!("payment failed: {}", event.detail),
-                    released_at: Some(time::now_timestamp()),
-                })
-                .await?;
-            }
-            Ok(())
-        } else {
-            Err(HandleError::permanent(anyhow::anyhow!(
-                "Inventory does not handle message type `{kind}`"
-            )))
+        match message.event()? {
+            SagaEvent::OrderCreated(event) => reserve(cx, event).await,
+            SagaEvent::PaymentFailed(event) => release(cx, event).await,
+            other => Err(other.unexpected("Inventory")),
         }
     }
+}
+
+/// Reserves every line of a new order, or none, and stages the outcome.
+async fn reserve(cx: &mut Context<'_>, event: &pb::OrderCreated) -> Result<(), HandleError> {
+    check(event)?;
+    // A batch reserves many orders' SKUs in no global order: row locks alone would let two
+    // instances' batches deadlock.
+    cx.serialize("stock").await?;
+    let lock = cx.for_update();
+    match stock::reserve(cx.conn(), &event.order_id, &event.items, lock)
+        .await
+        .map_err(HandleError::transient)?
+    {
+        Decision::Reserved { lines, total_cents } => {
+            cx.publish(&pb::InventoryReserved {
+                order_id: event.order_id.clone(),
+                items: lines.into_iter().map(Into::into).collect(),
+                total_cents,
+                customer_id: event.customer_id.clone(),
+                reserved_at: Some(time::now_timestamp()),
+            })
+            .await?;
+        }
+        Decision::Rejected {
+            reason,
+            shortfalls,
+            detail,
+        } => {
+            cx.publish(&pb::InventoryRejected {
+                order_id: event.order_id.clone(),
+                reason: reason.into(),
+                shortfalls,
+                detail,
+                rejected_at: Some(time::now_timestamp()),
+            })
+            .await?;
+        }
+        Decision::AlreadyDecided => {
+            debug!(order.id = %event.order_id, "Order already decided; its outcome is in the outbox.");
+        }
+    }
+    Ok(())
+}
+
+/// Gives back the reservation of an order whose payment failed, and stages `InventoryReleased`.
+async fn release(cx: &mut Context<'_>, event: &pb::PaymentFailed) -> Result<(), HandleError> {
+    cx.serialize("stock").await?;
+    let lock = cx.for_update();
+    if let Some(lines) = stock::release(cx.conn(), &event.order_id, lock)
+        .await
+        .map_err(HandleError::transient)?
+    {
+        cx.publish(&pb::InventoryReleased {
+            order_id: event.order_id.clone(),
+            items: lines.into_iter().map(Into::into).collect(),
+            reason: format!("payment failed: {}", event.detail),
+            released_at: Some(time::now_timestamp()),
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// An `OrderCreated` that no retry can make valid is dead-lettered.

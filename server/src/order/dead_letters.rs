@@ -324,3 +324,33 @@ fn not_found(selection: &Selection, taken: &[Stored]) -> Vec<String> {
         }
     }
 }
+
+/// Dead letters kept per source, read from the store at scrape time (no broker involved, so a
+/// resource alarm does not hold it up).
+pub fn depth_probe(store: DeadLetterStore, topology: Topology) -> crate::metrics::Probe {
+    Box::new(move || {
+        let (store, topology) = (store.clone(), topology.clone());
+        Box::pin(async move {
+            // Bounded, like the outbox backlog: a database outage must not hold up the scrape.
+            let read = tokio::time::timeout(std::time::Duration::from_secs(2), store.depths());
+            let Ok(Ok(mut depths)) = read.await else {
+                return vec![];
+            };
+            // Every known source, empty ones too, so a dashboard sees zero rather than nothing.
+            for source in sources(&topology) {
+                depths.entry(source.name).or_insert(0);
+            }
+            depths
+                .into_iter()
+                .map(|(source, depth)| {
+                    (
+                        "orderflow_dlq_depth",
+                        "Dead letters kept, per work queue (or outbox) they failed in.",
+                        vec![("queue", format!("{source}.dlq"))],
+                        depth as f64,
+                    )
+                })
+                .collect()
+        })
+    })
+}

@@ -5,7 +5,6 @@
 use std::{collections::HashSet, sync::Arc};
 
 use orderflow_proto::orderflow::v1 as pb;
-use prost::Name as _;
 use tracing::{debug, info};
 
 use super::{
@@ -15,7 +14,7 @@ use super::{
     watch::Hub,
 };
 use crate::{
-    bus::{HandleError, Incoming, dead_letters::Parked, topology::header},
+    bus::{HandleError, Incoming, SagaEvent, dead_letters::Parked, topology::header},
     inbox::{Context, Handler},
     metrics::Metrics,
 };
@@ -37,87 +36,70 @@ impl SagaHandler {
 
 impl Handler for SagaHandler {
     async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
-        let kind = message.kind().unwrap_or_default();
-        if kind == pb::InventoryReserved::full_name() {
-            let event: pb::InventoryReserved = message.decode()?;
-            apply(
-                cx,
-                &self.observers,
-                &event.order_id,
-                Fact::Reserved,
-                "",
-                |order| {
-                    price(order, &event.items, event.total_cents);
-                },
-            )
-            .await
-        } else if kind == pb::InventoryRejected::full_name() {
-            let event: pb::InventoryRejected = message.decode()?;
-            apply(
-                cx,
-                &self.observers,
-                &event.order_id,
-                Fact::Rejected,
-                &event.detail,
-                |_| {},
-            )
-            .await
-        } else if kind == pb::PaymentProcessed::full_name() {
-            let event: pb::PaymentProcessed = message.decode()?;
-            apply(
-                cx,
-                &self.observers,
-                &event.order_id,
-                Fact::Paid,
-                "",
-                |order| {
+        let observers = &self.observers;
+        match message.event()? {
+            SagaEvent::InventoryReserved(event) => {
+                apply(
+                    cx,
+                    observers,
+                    &event.order_id,
+                    Fact::Reserved,
+                    "",
+                    |order| {
+                        price(order, &event.items, event.total_cents);
+                    },
+                )
+                .await
+            }
+            SagaEvent::InventoryRejected(event) => {
+                let (order_id, detail) = (&event.order_id, &event.detail);
+                apply(cx, observers, order_id, Fact::Rejected, detail, |_| {}).await
+            }
+            SagaEvent::PaymentProcessed(event) => {
+                apply(cx, observers, &event.order_id, Fact::Paid, "", |order| {
                     price(order, &event.items, event.amount_cents);
                     order.transaction_id = Some(event.transaction_id.clone());
-                },
-            )
-            .await
-        } else if kind == pb::InventoryReleased::full_name() {
-            // Compensation done: no status change, but the order records when it happened.
-            let event: pb::InventoryReleased = message.decode()?;
-            let lock = cx.for_update();
-            let Some(mut order) = store::load_locked(cx.conn(), &event.order_id, lock)
+                })
                 .await
-                .map_err(HandleError::transient)?
-            else {
-                return Err(HandleError::permanent(anyhow::anyhow!(
-                    "unknown order `{}`",
-                    event.order_id
-                )));
-            };
-            if order.stock_released_at.is_none() {
-                let at = event.released_at.map_or_else(crate::time::now_micros, |t| {
-                    t.seconds * 1_000_000 + i64::from(t.nanos) / 1000
-                });
-                order.stock_released_at = Some(at);
-                store::save_details(cx.conn(), &order)
-                    .await
-                    .map_err(HandleError::transient)?;
             }
-            Ok(())
-        } else if kind == pb::PaymentFailed::full_name() {
-            let event: pb::PaymentFailed = message.decode()?;
-            apply(
-                cx,
-                &self.observers,
-                &event.order_id,
-                Fact::Declined,
-                &event.detail,
-                |order| {
+            SagaEvent::PaymentFailed(event) => {
+                let (order_id, detail) = (&event.order_id, &event.detail);
+                apply(cx, observers, order_id, Fact::Declined, detail, |order| {
                     price(order, &event.items, event.amount_cents);
-                },
-            )
-            .await
-        } else {
-            Err(HandleError::permanent(anyhow::anyhow!(
-                "Order does not handle message type `{kind}`"
-            )))
+                })
+                .await
+            }
+            SagaEvent::InventoryReleased(event) => record_release(cx, event).await,
+            other => Err(other.unexpected("Order")),
         }
     }
+}
+
+/// Compensation done: no status change, but the order records when its stock went back.
+async fn record_release(
+    cx: &mut Context<'_>,
+    event: &pb::InventoryReleased,
+) -> Result<(), HandleError> {
+    let lock = cx.for_update();
+    let Some(mut order) = store::load_locked(cx.conn(), &event.order_id, lock)
+        .await
+        .map_err(HandleError::transient)?
+    else {
+        return Err(HandleError::permanent(anyhow::anyhow!(
+            "unknown order `{}`",
+            event.order_id
+        )));
+    };
+    if order.stock_released_at.is_none() {
+        let at = event.released_at.map_or_else(crate::time::now_micros, |t| {
+            t.seconds * 1_000_000 + i64::from(t.nanos) / 1000
+        });
+        order.stock_released_at = Some(at);
+        store::save_details(cx.conn(), &order)
+            .await
+            .map_err(HandleError::transient)?;
+    }
+    Ok(())
 }
 
 /// Keeps every dead letter of the namespace in the dead-letter store and marks the order it is
@@ -147,7 +129,7 @@ impl DeadLetterHandler {
         let failed_at = message
             .header_str(header::LAST_FAILURE_AT)
             .unwrap_or("broker");
-        let count = message.headers().and_then(death_count).unwrap_or(0);
+        let count = message.death_count().unwrap_or(0);
         let body = sha2::Sha256::digest(message.body());
         let body: String = body[..8].iter().map(|b| format!("{b:02x}")).collect();
         Some(format!("dead-letter:{id}:{failed_at}:{count}:{body}"))
@@ -206,25 +188,6 @@ fn dead_letter_reason(message: &Incoming) -> String {
             format!("{kind} was dead-lettered by RabbitMQ from {queue} ({why})")
         }
     }
-}
-
-/// Total `count` of the broker's `x-death` entries.
-fn death_count(headers: &lapin::types::FieldTable) -> Option<u64> {
-    let lapin::types::AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
-        return None;
-    };
-    Some(
-        deaths
-            .as_slice()
-            .iter()
-            .filter_map(|d| match d {
-                lapin::types::AMQPValue::FieldTable(t) => {
-                    t.inner().get("count").and_then(crate::bus::message::as_u64)
-                }
-                _ => None,
-            })
-            .sum(),
-    )
 }
 
 /// Moves `order_id` by `fact`, updating its data with `update` when it moves.

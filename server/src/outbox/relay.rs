@@ -13,7 +13,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use lapin::types::FieldTable;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, error, info, warn};
@@ -441,22 +440,20 @@ impl Relay {
                 body: row.body.clone(),
             };
         }
-        let mut headers = FieldTable::default();
-        propagation::inject(&span.context(), &mut headers);
         let properties = message::properties(
             &row.message_id,
             &row.message_type,
             &row.correlation_id,
             self.outbox.service().service_name(),
             (row.created_at / 1_000_000) as u64,
-        )
-        .with_headers(headers);
+        );
         Outgoing {
             exchange: self.exchange.clone(),
             routing_key: row.routing_key.clone(),
             properties,
             body: row.body.clone(),
         }
+        .with_trace_context(&span.context())
     }
 }
 

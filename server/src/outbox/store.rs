@@ -121,8 +121,7 @@ pub(super) async fn reschedule(conn: &mut AnyConnection, rows: &[Reschedule]) ->
 mod tests {
     use super::*;
     use crate::{
-        config::DbSync,
-        db::{Database, Location},
+        db::{Database, DbSync, Location},
         service::Service,
     };
 

@@ -2,13 +2,11 @@
 //! outcome event in the same transaction, so a redelivery never charges twice.
 
 use orderflow_proto::orderflow::v1 as pb;
-use prost::Name as _;
 use tracing::debug;
 
 use super::provider::{Charge, Provider};
 use crate::{
-    bus::{HandleError, Incoming},
-    fault::Faults,
+    bus::{HandleError, Incoming, SagaEvent},
     inbox::{Context, Handler},
     time,
 };
@@ -17,31 +15,26 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct PaymentHandler {
     provider: Provider,
-    faults: Faults,
 }
 
 impl PaymentHandler {
-    /// A handler charging through `provider`, injecting `faults`.
-    pub fn new(provider: Provider, faults: Faults) -> Self {
-        PaymentHandler { provider, faults }
+    /// A handler charging through `provider`.
+    pub fn new(provider: Provider) -> Self {
+        PaymentHandler { provider }
     }
 }
 
 impl Handler for PaymentHandler {
     async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
-        let kind = message.kind().unwrap_or_default();
-        if kind != pb::InventoryReserved::full_name() {
-            return Err(HandleError::permanent(anyhow::anyhow!(
-                "Payment does not handle message type `{kind}`"
-            )));
-        }
-        let event: pb::InventoryReserved = message.decode()?;
+        let event = match message.event()? {
+            SagaEvent::InventoryReserved(event) => event,
+            other => return Err(other.unexpected("Payment")),
+        };
         if event.order_id.is_empty() || event.total_cents < 0 {
             return Err(HandleError::permanent(anyhow::anyhow!(
                 "invalid InventoryReserved: order_id empty or negative total"
             )));
         }
-        self.faults.inject(message)?;
 
         let charged: Option<(String,)> =
             sqlx::query_as("SELECT status FROM payments WHERE order_id = $1")
@@ -75,22 +68,22 @@ impl Handler for PaymentHandler {
         match charge {
             Charge::Approved(transaction_id) => {
                 cx.publish(&pb::PaymentProcessed {
-                    order_id: event.order_id,
+                    order_id: event.order_id.clone(),
                     transaction_id,
                     amount_cents: event.total_cents,
                     processed_at: Some(time::now_timestamp()),
-                    items: event.items,
+                    items: event.items.clone(),
                 })
                 .await?;
             }
             Charge::Declined(detail) => {
                 cx.publish(&pb::PaymentFailed {
-                    order_id: event.order_id,
+                    order_id: event.order_id.clone(),
                     amount_cents: event.total_cents,
                     reason: pb::PaymentFailureReason::LimitExceeded.into(),
                     detail,
                     failed_at: Some(time::now_timestamp()),
-                    items: event.items,
+                    items: event.items.clone(),
                 })
                 .await?;
             }

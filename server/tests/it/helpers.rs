@@ -57,7 +57,7 @@ static TELEMETRY: LazyLock<Collector> = LazyLock::new(|| {
             runtime.block_on(async move {
                 let collector = Collector::start().await;
                 let settings = orderflow_server::telemetry::Settings {
-                    log_format: orderflow_server::config::LogFormat::Text,
+                    log_format: orderflow_server::telemetry::LogFormat::Text,
                     log_filter: Some(if std::env::var_os("TEST_LOG").is_some() {
                         std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned())
                     } else {

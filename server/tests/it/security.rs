@@ -413,7 +413,7 @@ async fn amqps_with_a_configured_ca_works_and_without_it_does_not() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &pki.ca).unwrap();
-    let url: orderflow_server::config::AmqpUrl =
+    let url: orderflow_server::bus::AmqpUrl =
         format!("amqps://guest:guest@localhost:{}/%2f", front.port())
             .parse()
             .unwrap();

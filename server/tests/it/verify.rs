@@ -65,8 +65,8 @@ async fn a_correct_topology_passes_verify() {
     let management = management().await;
     declare(&deployment.namespace).await;
     for service in Service::ALL {
-        topology(&deployment.namespace)
-            .verify(&management, service)
+        management
+            .verify(&topology(&deployment.namespace), service)
             .await
             .unwrap_or_else(|e| panic!("{service} verifies: {e}"));
     }
@@ -158,7 +158,7 @@ async fn a_broken_topology_is_reported_whole_and_the_server_exits_with_78() {
         .unwrap();
     conn.close(200, "ok".into()).await.ok();
 
-    let found: Vec<String> = problems(topology(&ns).verify(&management, Service::Order).await)
+    let found: Vec<String> = problems(management.verify(&topology(&ns), Service::Order).await)
         .iter()
         .map(ToString::to_string)
         .collect();
@@ -176,7 +176,7 @@ async fn a_broken_topology_is_reported_whole_and_the_server_exits_with_78() {
     wanted.sort();
     assert_eq!(sorted, wanted, "every break, and nothing else");
     // Payment checks only its own part, which none of the four breaks touched.
-    let payment = topology(&ns).verify(&management, Service::Payment).await;
+    let payment = management.verify(&topology(&ns), Service::Payment).await;
     assert!(payment.is_ok(), "{payment:?}");
 
     // The real binary: one error line listing all of them, exit code 78, no retry loop.
@@ -312,8 +312,8 @@ async fn a_refused_management_login_is_a_configuration_error() {
     url.set_password(Some("wrong")).unwrap();
     let url = url.as_str().parse().unwrap();
     let management = Management::new(&node, Some(&url), None).unwrap();
-    let error = topology(&unique_namespace())
-        .verify(&management, Service::Payment)
+    let error = management
+        .verify(&topology(&unique_namespace()), Service::Payment)
         .await
         .expect_err("a wrong password is refused");
     assert!(
