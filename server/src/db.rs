@@ -282,6 +282,9 @@ async fn sqlite_pool(
 ) -> sqlx::Result<AnyPool> {
     AnyPoolOptions::new()
         .max_connections(connections)
+        // A ping before each acquire is one more hop to the SQLite worker thread per round
+        // trip, and finds nothing: a local file's connection does not drop.
+        .test_before_acquire(false)
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 // Other processes (a restarted instance) may hold the write lock briefly.
