@@ -32,7 +32,7 @@ pub use event::{Event, SagaEvent};
 pub use message::{Incoming, Outgoing};
 pub use outcome::{DeadLetterReason, HandleError, Settlement};
 pub use publisher::{PublishError, Publisher};
-pub use retry::RetryPolicy;
+pub use retry::{RetryPolicy, nth_delay};
 pub use topology::Topology;
 
 /// Whether `error` (anywhere in its chain) is a broker configuration problem that retrying

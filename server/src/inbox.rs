@@ -7,13 +7,14 @@
 
 use std::{future::Future, sync::Arc};
 
+use backon::ExponentialBuilder;
 use sqlx::AnyConnection;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
-    bus::{Event, HandleError, Incoming, Processor, propagation},
+    bus::{Event, HandleError, Incoming, Processor, nth_delay, propagation},
     db::{self, Database, Tx},
     fault::Faults,
     outbox::Outbox,
@@ -307,7 +308,7 @@ impl<H: Handler> Processor for Inbox<H> {
     /// once it answers: an outage is nobody's message's fault, and spending the messages'
     /// attempts on it would dead-letter them in any outage longer than the retry schedule.
     async fn process(&self, batch: &[Incoming]) -> Vec<Result<(), HandleError>> {
-        let mut pause = OUTAGE_PAUSE_MIN;
+        let mut pauses = 0;
         let mut waited = false;
         loop {
             let error = match self.process_batch(batch).await {
@@ -336,18 +337,19 @@ impl<H: Handler> Processor for Inbox<H> {
                 );
                 waited = true;
             }
+            pauses += 1;
             tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(nth_delay(OUTAGE_PAUSES, pauses)) => {}
                 _ = self.shutdown.cancelled() => {}
             }
-            pause = (pause * 2).min(OUTAGE_PAUSE_MAX);
         }
     }
 }
 
-/// Pauses between tries of a batch while the database cannot be reached.
-const OUTAGE_PAUSE_MIN: std::time::Duration = std::time::Duration::from_millis(200);
-const OUTAGE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// Pauses between tries of a batch while the database cannot be reached: 200 ms doubling to 2 s.
+const OUTAGE_PAUSES: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(std::time::Duration::from_millis(200))
+    .with_max_delay(std::time::Duration::from_secs(2));
 
 /// The CONSUMER span of one delivery, continuing the producer's trace from the headers.
 fn process_span(message: &Incoming, queue: &str, service: &'static str) -> tracing::Span {

@@ -2,21 +2,25 @@
 //! at scrape time (outbox backlog, dead-letter queue depth, broker connection), rendered in the
 //! Prometheus text format on `GET /metrics` at `ORDERFLOW_METRICS_ADDR`.
 //!
-//! A handle is passed to every component that records (no global registry), and recording is a
-//! short uncontended lock or an atomic add: cheap next to a broker round trip.
+//! A handle is passed to every component that records (no global registry); prometheus-client
+//! keeps the values, and recording is an atomic add behind a read lock on the label map.
 
-mod registry;
+mod scrape;
 mod server;
 
 use std::{
-    collections::BTreeMap,
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-pub use registry::{Histogram, LabelledCounters};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, prometheus_text},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::{Metric, Registry},
+};
+
 pub use server::serve;
 
 /// A scrape-time reading: `(metric name, help, labels, value)` rows.
@@ -25,25 +29,134 @@ pub type Gauges = Vec<(&'static str, &'static str, Vec<(&'static str, String)>, 
 /// Something read at scrape time, such as a queue depth.
 pub type Probe = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Gauges> + Send>> + Send + Sync>;
 
+/// Upper bounds of histogram buckets, in seconds: 0.5 ms to 30 s.
+const BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Labels of the per-event counters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EventLabels {
+    service: &'static str,
+    r#type: String,
+}
+
+/// Labels of the handler duration histogram.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HandlerLabels {
+    service: &'static str,
+    queue: String,
+}
+
+/// Labels of the finished-orders counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+type Events = Family<EventLabels, Counter>;
+
 /// Every metric of one process. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Metrics {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
-    orders_placed: LabelledCounters,
-    orders_finished: LabelledCounters,
-    published: LabelledCounters,
-    consumed: LabelledCounters,
-    retried: LabelledCounters,
-    dead_lettered: LabelledCounters,
-    outbox_retried: LabelledCounters,
-    outbox_parked: LabelledCounters,
-    handler_seconds: Mutex<BTreeMap<Vec<(&'static str, String)>, Histogram>>,
+    /// Everything below, registered once; the probes are read per scrape.
+    registry: Registry,
+    orders_placed: Counter,
+    orders_finished: Family<StatusLabels, Counter>,
+    published: Events,
+    consumed: Events,
+    retried: Events,
+    dead_lettered: Events,
+    outbox_retried: Events,
+    outbox_parked: Events,
+    handler_seconds: Family<HandlerLabels, Histogram, fn() -> Histogram>,
     saga_seconds: Histogram,
     probes: Mutex<Vec<Probe>>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        // Counters are registered without `_total`, which the encoder appends to the samples'
+        // and the family's name; help texts without their full stop, which it adds.
+        let mut r = Registry::default();
+        Self {
+            orders_placed: register(
+                &mut r,
+                "orderflow_orders_placed",
+                "Orders accepted by PlaceOrder",
+                Counter::default(),
+            ),
+            orders_finished: register(
+                &mut r,
+                "orderflow_orders_finished",
+                "Orders that reached a terminal status, by status",
+                Family::default(),
+            ),
+            published: register(
+                &mut r,
+                "orderflow_events_published",
+                "Events published (confirmed by the broker)",
+                Events::default(),
+            ),
+            consumed: register(
+                &mut r,
+                "orderflow_events_consumed",
+                "Events handled successfully",
+                Events::default(),
+            ),
+            retried: register(
+                &mut r,
+                "orderflow_events_retried",
+                "Deliveries parked for a delayed retry",
+                Events::default(),
+            ),
+            dead_lettered: register(
+                &mut r,
+                "orderflow_events_dead_lettered",
+                "Deliveries moved to a dead-letter queue",
+                Events::default(),
+            ),
+            outbox_retried: register(
+                &mut r,
+                "orderflow_outbox_retries",
+                "Outbox publishes the broker refused (unroutable or nacked), to be retried",
+                Events::default(),
+            ),
+            outbox_parked: register(
+                &mut r,
+                "orderflow_outbox_parked",
+                "Outbox events the broker kept refusing, moved to the dead-letter queue",
+                Events::default(),
+            ),
+            handler_seconds: register(
+                &mut r,
+                "orderflow_handler_duration_seconds",
+                "Time to handle one delivery, database work included",
+                Family::new_with_constructor(|| Histogram::new(BUCKETS)),
+            ),
+            saga_seconds: register(
+                &mut r,
+                "orderflow_saga_duration_seconds",
+                "Time from PlaceOrder to COMPLETED, REJECTED or PAYMENT_FAILED",
+                Histogram::new(BUCKETS),
+            ),
+            probes: Mutex::default(),
+            registry: {
+                r.register_collector(Box::new(scrape::DroppedSpans));
+                r
+            },
+        }
+    }
+}
+
+/// Registers `metric` under `name` and hands it back for recording.
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl std::fmt::Debug for Metrics {
@@ -55,7 +168,7 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     /// An order was accepted (not an idempotent retry).
     pub fn order_placed(&self) {
-        self.inner.orders_placed.add(vec![], 1);
+        self.inner.orders_placed.inc();
     }
 
     /// An order reached `status` (`completed`, `rejected`, `payment_failed`, `failed`) after
@@ -63,48 +176,49 @@ impl Metrics {
     pub fn order_finished(&self, status: &'static str, saga: Duration) {
         self.inner
             .orders_finished
-            .add(vec![("status", status.to_owned())], 1);
+            .get_or_create(&StatusLabels { status })
+            .inc();
         if status != "failed" {
-            self.inner.saga_seconds.observe(saga);
+            self.inner.saga_seconds.observe(saga.as_secs_f64());
         }
     }
 
     /// `service` published an event of `kind`.
     pub fn published(&self, service: &'static str, kind: &str) {
-        self.inner.published.add(labels(service, kind), 1);
+        count(&self.inner.published, service, kind);
     }
 
     /// `service` handled an event of `kind` in `took`.
     pub fn consumed(&self, service: &'static str, kind: &str, queue: &str, took: Duration) {
-        self.inner.consumed.add(labels(service, kind), 1);
-        let key = vec![("service", service.to_owned()), ("queue", queue.to_owned())];
+        count(&self.inner.consumed, service, kind);
+        let labels = HandlerLabels {
+            service,
+            queue: queue.to_owned(),
+        };
         self.inner
             .handler_seconds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default()
-            .observe(took);
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
     }
 
     /// `service` scheduled a retry of an event of `kind`.
     pub fn retried(&self, service: &'static str, kind: &str) {
-        self.inner.retried.add(labels(service, kind), 1);
+        count(&self.inner.retried, service, kind);
     }
 
     /// `service` dead-lettered an event of `kind`.
     pub fn dead_lettered(&self, service: &'static str, kind: &str) {
-        self.inner.dead_lettered.add(labels(service, kind), 1);
+        count(&self.inner.dead_lettered, service, kind);
     }
 
     /// The broker refused `service`'s publish of an event of `kind`; it is retried later.
     pub fn outbox_retried(&self, service: &'static str, kind: &str) {
-        self.inner.outbox_retried.add(labels(service, kind), 1);
+        count(&self.inner.outbox_retried, service, kind);
     }
 
     /// `service` parked an outbox event of `kind` the broker kept refusing.
     pub fn outbox_parked(&self, service: &'static str, kind: &str) {
-        self.inner.outbox_parked.add(labels(service, kind), 1);
+        count(&self.inner.outbox_parked, service, kind);
     }
 
     /// Adds a reading taken at every scrape.
@@ -116,89 +230,34 @@ impl Metrics {
             .push(probe);
     }
 
-    /// Every metric in the Prometheus text exposition format.
-    pub async fn render(&self) -> String {
-        let i = &self.inner;
-        let mut out = String::new();
-        i.orders_placed.render(
-            &mut out,
-            "orderflow_orders_placed_total",
-            "Orders accepted by PlaceOrder.",
-        );
-        i.orders_finished.render(
-            &mut out,
-            "orderflow_orders_finished_total",
-            "Orders that reached a terminal status, by status.",
-        );
-        i.published.render(
-            &mut out,
-            "orderflow_events_published_total",
-            "Events published (confirmed by the broker).",
-        );
-        i.consumed.render(
-            &mut out,
-            "orderflow_events_consumed_total",
-            "Events handled successfully.",
-        );
-        i.retried.render(
-            &mut out,
-            "orderflow_events_retried_total",
-            "Deliveries parked for a delayed retry.",
-        );
-        i.dead_lettered.render(
-            &mut out,
-            "orderflow_events_dead_lettered_total",
-            "Deliveries moved to a dead-letter queue.",
-        );
-        i.outbox_retried.render(
-            &mut out,
-            "orderflow_outbox_retries_total",
-            "Outbox publishes the broker refused (unroutable or nacked), to be retried.",
-        );
-        i.outbox_parked.render(
-            &mut out,
-            "orderflow_outbox_parked_total",
-            "Outbox events the broker kept refusing, moved to the dead-letter queue.",
-        );
-        registry::render_histograms(
-            &mut out,
-            "orderflow_handler_duration_seconds",
-            "Time to handle one delivery, database work included.",
-            &i.handler_seconds.lock().unwrap_or_else(|e| e.into_inner()),
-        );
-        registry::render_histograms(
-            &mut out,
-            "orderflow_saga_duration_seconds",
-            "Time from PlaceOrder to COMPLETED, REJECTED or PAYMENT_FAILED.",
-            &BTreeMap::from([(vec![], i.saga_seconds.clone())]),
-        );
-        let dropped =
-            crate::telemetry::export::DROPPED_SPANS.load(std::sync::atomic::Ordering::Relaxed);
-        registry::render_rows(
-            &mut out,
-            &vec![(
-                "orderflow_trace_spans_dropped_total",
-                "Spans lost because the trace collector was unreachable.",
-                vec![],
-                dropped as f64,
-            )],
-            "counter",
-        );
+    /// Every metric in the Prometheus text exposition format (version 0.0.4). Fails only if
+    /// prometheus-client cannot encode a value.
+    pub async fn render(&self) -> Result<String, std::fmt::Error> {
         let probes: Vec<_> = {
-            let probes = i.probes.lock().unwrap_or_else(|e| e.into_inner());
+            let probes = self.inner.probes.lock().unwrap_or_else(|e| e.into_inner());
             probes.iter().map(|p| p()).collect()
         };
         let mut gauges = Gauges::new();
         for probe in probes {
             gauges.extend(probe.await);
         }
-        registry::render_rows(&mut out, &gauges, "gauge");
-        out
+        // The probes are async (a database query, the management API), and a collector is
+        // not: they are read first, then encoded from a registry that lives for this scrape.
+        let mut readings = Registry::default();
+        readings.register_collector(Box::new(scrape::Readings(gauges)));
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &self.inner.registry)?;
+        prometheus_text::encode(&mut out, &readings)?;
+        Ok(out)
     }
 }
 
-fn labels(service: &'static str, kind: &str) -> Vec<(&'static str, String)> {
-    vec![("service", service.to_owned()), ("type", kind.to_owned())]
+fn count(family: &Events, service: &'static str, kind: &str) {
+    let labels = EventLabels {
+        service,
+        r#type: kind.to_owned(),
+    };
+    family.get_or_create(&labels).inc();
 }
 
 #[cfg(test)]
@@ -219,18 +278,34 @@ mod tests {
             "ns.inventory.order-created",
             Duration::from_millis(2),
         );
-        metrics.probe(Box::new(|| {
-            Box::pin(async {
-                vec![(
-                    "orderflow_outbox_backlog",
-                    "Events waiting.",
-                    vec![("service", "order-service".to_owned())],
-                    3.0,
-                )]
-            })
-        }));
-        let text = metrics.render().await;
+        for (service, backlog) in [("order-service", 3.0), ("payment-service", 0.0)] {
+            metrics.probe(Box::new(move || {
+                Box::pin(async move {
+                    vec![
+                        (
+                            "orderflow_outbox_backlog",
+                            "Events waiting.",
+                            vec![("service", service.to_owned())],
+                            backlog,
+                        ),
+                        (
+                            "orderflow_database_up",
+                            "Database answers.",
+                            vec![("service", service.to_owned())],
+                            1.0,
+                        ),
+                    ]
+                })
+            }));
+        }
+        let text = metrics.render().await.unwrap();
         assert!(text.contains("orderflow_orders_placed_total 2\n"), "{text}");
+        // Prometheus text 0.0.4 names the family as its samples, `_total` included.
+        assert!(
+            text.contains("# HELP orderflow_orders_placed_total Orders accepted by PlaceOrder.\n")
+        );
+        assert!(text.contains("# TYPE orderflow_orders_placed_total counter\n"));
+        assert!(text.contains("# TYPE orderflow_trace_spans_dropped_total counter\n"));
         assert!(
             text.contains("orderflow_orders_finished_total{status=\"completed\"} 1\n"),
             "{text}"
@@ -247,9 +322,28 @@ mod tests {
         );
         assert!(text.contains("orderflow_saga_duration_seconds_count 1\n"));
         assert!(text.contains("# TYPE orderflow_handler_duration_seconds histogram\n"));
+        let handled = "orderflow_handler_duration_seconds_bucket{service=\"inventory-service\",queue=\"ns.inventory.order-created\"";
         assert!(
-            text.contains("orderflow_outbox_backlog{service=\"order-service\"} 3\n"),
+            text.contains(&format!("{handled},le=\"0.001\"}} 0\n")),
             "{text}"
         );
+        assert!(
+            text.contains(&format!("{handled},le=\"0.0025\"}} 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{handled},le=\"+Inf\"}} 1\n")),
+            "{text}"
+        );
+        // Rows of one gauge from several probes come out together, under one HELP and TYPE.
+        assert!(
+            text.contains(
+                "# TYPE orderflow_outbox_backlog gauge\n\
+                 orderflow_outbox_backlog{service=\"order-service\"} 3.0\n\
+                 orderflow_outbox_backlog{service=\"payment-service\"} 0.0\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.matches("# HELP orderflow_database_up ").count(), 1);
     }
 }

@@ -8,23 +8,32 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use backon::ExponentialBuilder;
 use futures_util::StreamExt as _;
 use lapin::{Channel, Connection, ConnectionProperties, Event, uri::AMQPUri};
-use rand::Rng as _;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{AmqpUrl, management::ManagementUrl};
-use super::{Topology, management::Management, topology::Declare};
+use super::{
+    AmqpUrl, Topology,
+    management::{Management, ManagementUrl},
+    retry::nth_delay,
+    topology::Declare,
+};
 
 /// Heartbeat asked of the broker when the URL does not set one, so a silently dead peer (a
 /// network blip, a paused VM) is noticed within seconds rather than RabbitMQ's default minute.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// Bound on one connection attempt, handshake and topology declaration included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reconnect delays: `d = 200ms * 2^(n-1)`, at most 5 s, drawn from `[d/2, d]` so many
+/// restarting services do not reconnect in lockstep. backon's jitter draws from `[d', 2d')`,
+/// hence the halved bounds.
+const RECONNECT: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_millis(2500))
+    .with_jitter();
 /// How long a shutdown waits for the broker to confirm a connection close before dropping it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -206,7 +215,7 @@ impl Broker {
                 (None, None) => break,
                 (None, Some(error)) => {
                     failures += 1;
-                    let delay = backoff(failures);
+                    let delay = nth_delay(RECONNECT, failures);
                     warn!(
                         broker.url = %self.inner.url,
                         attempt = failures,
@@ -369,15 +378,6 @@ async fn wait_until_dead(
     }
 }
 
-/// Exponential backoff with full jitter in its upper half: `[d/2, d]`, `d = 200ms * 2^(n-1)`,
-/// at most 5 s, so many restarting services do not reconnect in lockstep.
-fn backoff(failures: u32) -> Duration {
-    let exp =
-        BACKOFF_INITIAL.saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)));
-    let capped = exp.min(BACKOFF_MAX).as_secs_f64();
-    Duration::from_secs_f64(rand::rng().random_range(capped / 2.0..=capped))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,10 +385,12 @@ mod tests {
     #[test]
     fn backoff_grows_and_is_capped() {
         for _ in 0..100 {
-            let first = backoff(1);
+            let first = nth_delay(RECONNECT, 1);
             assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
-            let late = backoff(50);
-            assert!(late >= Duration::from_millis(2500) && late <= BACKOFF_MAX);
+            let third = nth_delay(RECONNECT, 3);
+            assert!(third >= Duration::from_millis(400) && third <= Duration::from_millis(800));
+            let late = nth_delay(RECONNECT, 50);
+            assert!(late >= Duration::from_millis(2500) && late <= Duration::from_secs(5));
         }
     }
 }

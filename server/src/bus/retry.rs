@@ -1,9 +1,11 @@
 //! The retry policy: how many attempts a message gets and how long it waits between them.
 //! Delays grow exponentially from `initial_delay`, capped at `max_delay`, with ±20% jitter so
-//! a burst of failures does not come back as a burst.
+//! a burst of failures does not come back as a burst. [`nth_delay`] reads any backon schedule
+//! by failure count, for the other backoffs of the server (reconnects, outages, the relay).
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
 use rand::Rng as _;
 
 /// Attempts and backoff for one consumer.
@@ -23,23 +25,40 @@ const JITTER: f64 = 0.2;
 impl RetryPolicy {
     /// Delay, before jitter, after the failed `attempt` (1-based): `initial * 2^(attempt-1)`.
     pub fn base_delay(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
-        self.initial_delay
-            .saturating_mul(factor)
-            .min(self.max_delay)
+        let schedule = ExponentialBuilder::new()
+            .with_min_delay(self.initial_delay)
+            .with_max_delay(self.max_delay);
+        nth_delay(schedule, attempt).min(self.max_delay)
     }
 
     /// Delay after the failed `attempt`, with jitter.
     pub fn delay(&self, attempt: u32) -> Duration {
-        let base = self.base_delay(attempt).as_secs_f64();
-        let jittered = base * rand::rng().random_range((1.0 - JITTER)..=(1.0 + JITTER));
-        Duration::from_secs_f64(jittered).max(Duration::from_millis(1))
+        // Applied here rather than by backon, whose jitter only lengthens a delay (to [d, 2d)):
+        // a retry's delay stays near what the operator configured, on both sides.
+        let factor = rand::rng().random_range((1.0 - JITTER)..=(1.0 + JITTER));
+        self.base_delay(attempt)
+            .mul_f64(factor)
+            .max(Duration::from_millis(1))
     }
 
     /// Whether a message that failed its `attempt`-th delivery gets another one.
     pub fn should_retry(&self, attempt: u32) -> bool {
         attempt < self.max_attempts
     }
+}
+
+/// The delay after the `failures`-th failure in a row (1-based) under `schedule`, as its
+/// backoff iterator would yield it, so callers keep a count (a row's refusals live in the
+/// database) rather than an iterator.
+pub fn nth_delay(schedule: ExponentialBuilder, failures: u32) -> Duration {
+    // Doubling reaches any cap within 64 steps; walking further would change nothing.
+    let step = failures.saturating_sub(1).min(64) as usize;
+    schedule
+        .without_max_times()
+        .with_total_delay(None)
+        .build()
+        .nth(step)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -69,6 +88,19 @@ mod tests {
             let d = p.delay(2).as_secs_f64();
             assert!((0.16..=0.24).contains(&d), "{d}");
         }
+    }
+
+    #[test]
+    fn schedules_are_read_by_failure_count() {
+        let doubling = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(2));
+        let millis: Vec<_> = (1..=6)
+            .map(|n| nth_delay(doubling, n).as_millis())
+            .collect();
+        assert_eq!(millis, vec![200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(nth_delay(doubling, 0), Duration::from_millis(200));
+        assert_eq!(nth_delay(doubling, u32::MAX), Duration::from_secs(2));
     }
 
     #[test]

@@ -1,28 +1,50 @@
-//! A minimal HTTP/1.1 endpoint for Prometheus: `GET /metrics` and nothing else. Scrapers send
-//! one small request per connection; anything larger or stranger is refused.
+//! The endpoint Prometheus scrapes: axum routes `GET /metrics` (anything else is 404, other
+//! methods 405). hyper serves each connection directly rather than through `axum::serve`, for
+//! the settings a scrape endpoint wants: one request per connection, a bounded request head
+//! read within a deadline, and header names in their usual case for clients that match them
+//! literally.
 
 use std::time::Duration;
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse as _, Response},
+    routing::get,
 };
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use prometheus_client::encoding::prometheus_text;
+use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::debug;
 
 use super::Metrics;
 
-/// Largest request head accepted.
+/// Largest request head accepted (the smallest buffer hyper allows).
 const MAX_HEAD: usize = 8 * 1024;
-/// How long a client may take to send its request.
+/// How long a client may take to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves `metrics` on `listener` until `shutdown`.
+/// Serves `metrics` on `listener` until `shutdown`, then lets the requests in flight finish.
 pub async fn serve(
     listener: TcpListener,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let routes = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(metrics);
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .title_case_headers(true);
     let connections = TaskTracker::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -35,9 +57,12 @@ pub async fn serve(
                 }
             },
         };
-        let metrics = metrics.clone();
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(routes.clone()),
+        );
         connections.spawn(async move {
-            if let Err(error) = respond(stream, &metrics).await {
+            if let Err(error) = connection.await {
                 debug!(error = %error, "Metrics request failed.");
             }
         });
@@ -47,42 +72,16 @@ pub async fn serve(
     Ok(())
 }
 
-async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf))
-            .await
-            .map_err(std::io::Error::other)??;
-        if n == 0 || head.len() + n > MAX_HEAD {
-            return Ok(());
+async fn scrape(State(metrics): State<Metrics>) -> Response {
+    match metrics.render().await {
+        Ok(text) => (
+            [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+            text,
+        )
+            .into_response(),
+        Err(error) => {
+            debug!(error = %error, "Metrics could not be encoded.");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
-        head.extend_from_slice(&buf[..n]);
     }
-    let request_line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let mut parts = request_line.split(|b| *b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = path.split(|b| *b == b'?').next().unwrap_or_default();
-    let (status, content_type, body) = match (method, path) {
-        (b"GET", b"/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render().await,
-        ),
-        (b"GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use backon::ExponentialBuilder;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, error, info, warn};
@@ -27,7 +28,7 @@ use super::{
 use crate::{
     bus::{
         DeadLetterReason, Outgoing, PublishError, Publisher, RetryPolicy, dead_letters, message,
-        propagation, topology::Topology,
+        nth_delay, propagation, topology::Topology,
     },
     db::{Backend, Database},
     metrics::Metrics,
@@ -39,8 +40,10 @@ const BATCH: i64 = 256;
 /// How often the relay looks even when nobody woke it (e.g. rows left by a crash, or
 /// rescheduled by another instance).
 const POLL: Duration = Duration::from_secs(1);
-/// Longest pause of the whole relay while the broker cannot be reached.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Pauses of the whole relay while the broker cannot be reached: 200 ms doubling to 5 s.
+const BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(200))
+    .with_max_delay(Duration::from_secs(5));
 
 /// What one round did.
 #[derive(Debug, Default)]
@@ -171,7 +174,7 @@ impl Relay {
                 );
                 break;
             }
-            let delay = Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(BACKOFF_MAX);
+            let delay = nth_delay(BACKOFF, failures);
             // One warning per outage, not one per retry.
             if failures == 1 {
                 warn!(
