@@ -49,15 +49,6 @@ impl Outgoing {
         }
     }
 
-    /// Carries `context` (W3C trace context and baggage) in its headers, so the consumer's
-    /// span continues the trace.
-    pub fn with_trace_context(mut self, context: &opentelemetry::Context) -> Self {
-        let mut headers = self.properties.headers().clone().unwrap_or_default();
-        super::propagation::inject(context, &mut headers);
-        self.properties = self.properties.with_headers(headers);
-        self
-    }
-
     /// Sets (or replaces) a header.
     pub fn with_header(mut self, key: &str, value: AMQPValue) -> Self {
         let mut headers = self.properties.headers().clone().unwrap_or_default();

@@ -9,7 +9,7 @@ use opentelemetry::{
     propagation::{Extractor, Injector},
 };
 
-use super::message::{header_str, text};
+use super::message::{Outgoing, header_str, text};
 
 struct HeaderInjector<'a>(&'a mut FieldTable);
 
@@ -35,6 +35,17 @@ impl Extractor for HeaderExtractor<'_> {
 /// Writes `cx` into AMQP headers.
 pub fn inject(cx: &Context, headers: &mut FieldTable) {
     global::get_text_map_propagator(|p| p.inject_context(cx, &mut HeaderInjector(headers)));
+}
+
+impl Outgoing {
+    /// Carries `context` (W3C trace context and baggage) in its headers, so the consumer's
+    /// span continues the trace.
+    pub fn with_trace_context(mut self, context: &Context) -> Self {
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
+        inject(context, &mut headers);
+        self.properties = self.properties.with_headers(headers);
+        self
+    }
 }
 
 /// Reads the trace context from AMQP headers; an empty context when there is none.

@@ -6,6 +6,7 @@
 #[path = "../common/broker.rs"]
 mod broker;
 mod helpers;
+mod layout;
 #[path = "../common/tap.rs"]
 mod tap;
 
