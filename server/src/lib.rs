@@ -7,7 +7,6 @@
 pub mod api;
 pub mod app;
 pub mod bus;
-pub mod chaos;
 pub mod config;
 pub mod db;
 pub mod fault;

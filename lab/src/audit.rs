@@ -6,9 +6,9 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use sqlx::AnyPool;
 
-use crate::{
+use orderflow_server::{
     config::DbSync,
-    db::{Database, Location},
+    db::{self, Database, Location},
     service::Service,
 };
 
@@ -71,7 +71,7 @@ impl State {
             State::Files(dir) => Location::File(dir),
             State::Postgres { url, namespace } => Location::Postgres {
                 url,
-                schema: crate::db::schema_name(namespace, service),
+                schema: db::schema_name(namespace, service),
             },
         };
         let database = Database::open(&location, DbSync::Normal, service).await?;
