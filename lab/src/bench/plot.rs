@@ -1,9 +1,18 @@
-//! Line charts as hand-written SVG: the latency CDFs and the RSS timelines of a bench run,
-//! drawn from the run's own numbers. A figure is a column of panels (one per mode) sharing
-//! the x range, so panels compare at a glance. Plain SVG 1.1 with a white background and
-//! no scripts or external fonts, so GitHub renders it as an image in both colour schemes.
+//! Line charts of a bench run, drawn with `plotters` into SVG: the latency CDFs and the RSS
+//! timelines, from the run's own numbers. A figure is a column of panels (one per mode)
+//! sharing both ranges, so panels compare at a glance. White background, no scripts or
+//! external fonts, so GitHub renders it as an image in both colour schemes.
 
-use std::fmt::Write as _;
+use std::ops::Range;
+
+use anyhow::{Result, anyhow};
+use plotters::{
+    coord::{
+        Shift,
+        ranged1d::{AsRangedCoord, ValueFormatter},
+    },
+    prelude::*,
+};
 
 /// How values map onto an axis.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,14 +29,12 @@ pub(crate) enum Scale {
 pub(crate) struct Axis {
     pub(crate) label: String,
     pub(crate) scale: Scale,
-    /// Fixed range in data units; `None` fits the data of every panel.
-    pub(crate) range: Option<(f64, f64)>,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct Series {
     pub(crate) label: String,
-    pub(crate) color: &'static str,
+    pub(crate) color: RGBColor,
     pub(crate) dashed: bool,
     pub(crate) points: Vec<(f64, f64)>,
 }
@@ -47,182 +54,150 @@ pub(crate) struct Figure {
 }
 
 /// Colours that stay apart for the colour-blind (Okabe-Ito).
-pub(crate) const PALETTE: [&str; 6] = [
-    "#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00",
+pub(crate) const PALETTE: [RGBColor; 6] = [
+    RGBColor(0x00, 0x72, 0xB2),
+    RGBColor(0xE6, 0x9F, 0x00),
+    RGBColor(0x00, 0x9E, 0x73),
+    RGBColor(0xCC, 0x79, 0xA7),
+    RGBColor(0x56, 0xB4, 0xE9),
+    RGBColor(0xD5, 0x5E, 0x00),
 ];
 
-const WIDTH: f64 = 920.0;
-const LEFT: f64 = 72.0;
-const RIGHT: f64 = 200.0;
-const TITLE_HEIGHT: f64 = 40.0;
-const PANEL_HEIGHT: f64 = 290.0;
-const PANEL_TOP: f64 = 30.0;
-const PLOT_HEIGHT: f64 = 210.0;
+const WIDTH: u32 = 920;
+const TITLE_HEIGHT: u32 = 40;
+const PANEL_HEIGHT: u32 = 290;
 /// The percentile scale's top: 99.99%.
 const PERCENTILE_MAX: f64 = 4.0;
+const FONT: &str = "sans-serif";
 
 /// Renders `figure` as a standalone SVG document.
-pub(crate) fn render(figure: &Figure) -> String {
-    let height = TITLE_HEIGHT + PANEL_HEIGHT * figure.panels.len().max(1) as f64 + 10.0;
-    let plot_width = WIDTH - LEFT - RIGHT;
-    let all_points = || {
+pub(crate) fn render(figure: &Figure) -> Result<String> {
+    let panels = figure.panels.len().max(1) as u32;
+    let height = TITLE_HEIGHT + PANEL_HEIGHT * panels + 10;
+    let points = || {
         figure
             .panels
             .iter()
             .flat_map(|p| &p.series)
             .flat_map(|s| &s.points)
     };
-    let x_range = figure
-        .x
-        .range
-        .unwrap_or_else(|| fit(figure.x.scale, all_points().map(|p| p.0)));
-    let y_range = figure
-        .y
-        .range
-        .unwrap_or_else(|| fit(figure.y.scale, all_points().map(|p| p.1)));
+    let x = fit(figure.x.scale, points().map(|p| p.0));
+    let y = fit(figure.y.scale, points().map(|p| p.1));
 
     let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(
-        svg,
-        r#"<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="white"/>"#
-    );
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="24" font-size="16" font-weight="bold" text-anchor="middle">{}</text>"#,
-        WIDTH / 2.0,
-        escape(&figure.title)
-    );
-    for (i, panel) in figure.panels.iter().enumerate() {
-        let top = TITLE_HEIGHT + PANEL_HEIGHT * i as f64 + PANEL_TOP;
-        let frame = Frame {
-            left: LEFT,
-            top,
-            width: plot_width,
-            height: PLOT_HEIGHT,
-            x: (figure.x.scale, x_range),
-            y: (figure.y.scale, y_range),
-        };
-        draw_panel(&mut svg, figure, panel, &frame);
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(drawing)?;
+        let root = root
+            .titled(&figure.title, (FONT, 18).into_font().style(FontStyle::Bold))
+            .map_err(drawing)?;
+        for (area, panel) in root
+            .split_evenly((panels as usize, 1))
+            .iter()
+            .zip(&figure.panels)
+        {
+            // Each scale is its own coordinate type; the percentile scale is drawn on its
+            // transform, with labels that name the percentiles.
+            match figure.x.scale {
+                Scale::Log => draw_on_y(area, figure, panel, (x.clone()).log_scale(), &y)?,
+                Scale::Linear | Scale::Percentile => draw_on_y(area, figure, panel, x.clone(), &y)?,
+            }
+        }
+        root.present().map_err(drawing)?;
     }
-    svg.push_str("</svg>\n");
-    svg
+    Ok(svg)
 }
 
-/// Where a panel's plot area is and what it shows.
-#[derive(Debug)]
-struct Frame {
-    left: f64,
-    top: f64,
-    width: f64,
-    height: f64,
-    x: (Scale, (f64, f64)),
-    y: (Scale, (f64, f64)),
-}
-
-impl Frame {
-    fn px(&self, x: f64) -> f64 {
-        self.left + self.width * unit(self.x.0, self.x.1, x)
-    }
-
-    fn py(&self, y: f64) -> f64 {
-        self.top + self.height * (1.0 - unit(self.y.0, self.y.1, y))
+fn draw_on_y<X>(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    figure: &Figure,
+    panel: &Panel,
+    x: X,
+    y: &Range<f64>,
+) -> Result<()>
+where
+    X: AsRangedCoord<Value = f64>,
+    X::CoordDescType: ValueFormatter<f64>,
+{
+    match figure.y.scale {
+        Scale::Log => draw_panel(area, figure, panel, x, y.clone().log_scale()),
+        Scale::Linear | Scale::Percentile => draw_panel(area, figure, panel, x, y.clone()),
     }
 }
 
-fn draw_panel(svg: &mut String, figure: &Figure, panel: &Panel, frame: &Frame) {
-    let (left, top, width, height) = (frame.left, frame.top, frame.width, frame.height);
-    let bottom = top + height;
-    let _ = writeln!(
-        svg,
-        r#"<text x="{left}" y="{}" font-size="13" font-weight="bold">{}</text>"#,
-        top - 10.0,
-        escape(&panel.title)
-    );
-    // Grid and tick labels.
-    for (value, label) in ticks(frame.x.0, frame.x.1) {
-        let x = frame.px(value);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{bottom}" stroke="#e0e0e0"/><text x="{x:.1}" y="{}" text-anchor="middle" fill="#333">{}</text>"##,
-            bottom + 16.0,
-            escape(&label)
-        );
-    }
-    for (value, label) in ticks(frame.y.0, frame.y.1) {
-        let y = frame.py(value);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#e0e0e0"/><text x="{}" y="{:.1}" text-anchor="end" fill="#333">{}</text>"##,
-            left + width,
-            left - 6.0,
-            y + 4.0,
-            escape(&label)
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r##"<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#555"/>"##
-    );
-    // Axis labels.
-    let _ = writeln!(
-        svg,
-        r##"<text x="{:.1}" y="{}" text-anchor="middle" fill="#333">{}</text>"##,
-        left + width / 2.0,
-        bottom + 34.0,
-        escape(&figure.x.label)
-    );
-    let (lx, ly) = (left - 52.0, top + height / 2.0);
-    let _ = writeln!(
-        svg,
-        r##"<text x="{lx}" y="{ly:.1}" text-anchor="middle" fill="#333" transform="rotate(-90 {lx} {ly:.1})">{}</text>"##,
-        escape(&figure.y.label)
-    );
-    // Curves, clipped to the plot area by clamping (no clipPath needed for monotone data).
+fn draw_panel<X, Y>(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    figure: &Figure,
+    panel: &Panel,
+    x: X,
+    y: Y,
+) -> Result<()>
+where
+    X: AsRangedCoord<Value = f64>,
+    X::CoordDescType: ValueFormatter<f64>,
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.title, (FONT, 14).into_font().style(FontStyle::Bold))
+        .margin(10)
+        .margin_right(30)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x, y)
+        .map_err(drawing)?;
+    let (x_scale, y_scale) = (figure.x.scale, figure.y.scale);
+    let x_label = move |v: &f64| label(x_scale, *v);
+    let y_label = move |v: &f64| label(y_scale, *v);
+    chart
+        .configure_mesh()
+        .x_labels(ticks(x_scale))
+        .y_labels(ticks(y_scale))
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(RGBColor(0xe0, 0xe0, 0xe0))
+        .x_desc(figure.x.label.as_str())
+        .y_desc(figure.y.label.as_str())
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&y_label)
+        .label_style((FONT, 12))
+        .draw()
+        .map_err(drawing)?;
     for series in &panel.series {
-        let points: Vec<String> = series
+        let points: Vec<(f64, f64)> = series
             .points
             .iter()
-            .filter(|(x, y)| plottable(frame.x.0, *x) && plottable(frame.y.0, *y))
-            .map(|&(x, y)| format!("{:.1},{:.1}", frame.px(x), frame.py(y)))
+            .filter(|(x, y)| plottable(x_scale, *x) && plottable(y_scale, *y))
+            .map(|&(x, y)| (onto(x_scale, x), onto(y_scale, y)))
             .collect();
         if points.is_empty() {
             continue;
         }
-        let dash = if series.dashed {
-            r#" stroke-dasharray="7 4""#
+        let style = series.color.stroke_width(2);
+        let drawn = if series.dashed {
+            chart.draw_series(DashedLineSeries::new(points, 7, 4, style))
         } else {
-            ""
+            chart.draw_series(LineSeries::new(points, style))
         };
-        let _ = writeln!(
-            svg,
-            r#"<polyline fill="none" stroke="{}" stroke-width="2"{dash} points="{}"/>"#,
-            series.color,
-            points.join(" ")
-        );
+        drawn
+            .map_err(drawing)?
+            .label(series.label.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 26, y)], style));
     }
-    // Legend, right of the plot.
-    for (i, series) in panel.series.iter().enumerate() {
-        let y = top + 14.0 + 20.0 * i as f64;
-        let x = left + width + 14.0;
-        let dash = if series.dashed {
-            r#" stroke-dasharray="7 4""#
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{x}" y1="{y}" x2="{}" y2="{y}" stroke="{}" stroke-width="2"{dash}/><text x="{}" y="{}">{}</text>"#,
-            x + 26.0,
-            series.color,
-            x + 32.0,
-            y + 4.0,
-            escape(&series.label)
-        );
+    if !panel.series.is_empty() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(0x55, 0x55, 0x55))
+            .label_font((FONT, 12))
+            .draw()
+            .map_err(drawing)?;
     }
+    Ok(())
+}
+
+fn drawing<E: std::fmt::Debug>(error: E) -> anyhow::Error {
+    anyhow!("drawing a chart: {error:?}")
 }
 
 /// Whether `value` can be placed on an axis of `scale`.
@@ -233,17 +208,13 @@ fn plottable(scale: Scale, value: f64) -> bool {
     }
 }
 
-/// Position of `value` within `range` on `scale`, 0 at the start and 1 at the end, clamped.
-fn unit(scale: Scale, (lo, hi): (f64, f64), value: f64) -> f64 {
-    let (lo, hi, v) = match scale {
-        Scale::Linear => (lo, hi, value),
-        Scale::Log => (lo.log10(), hi.log10(), value.max(f64::MIN_POSITIVE).log10()),
-        Scale::Percentile => (tail(lo), tail(hi), tail(value)),
-    };
-    if hi <= lo {
-        return 0.5;
+/// Where a data value sits on the chart's coordinate: itself, except on the percentile
+/// scale, which is drawn on its transform.
+fn onto(scale: Scale, value: f64) -> f64 {
+    match scale {
+        Scale::Percentile => tail(value),
+        Scale::Linear | Scale::Log => value,
     }
-    ((v - lo) / (hi - lo)).clamp(0.0, 1.0)
 }
 
 /// The percentile scale's transform, capped at 99.99%.
@@ -251,88 +222,49 @@ fn tail(fraction: f64) -> f64 {
     (-(1.0 - fraction).max(1e-12).log10()).clamp(0.0, PERCENTILE_MAX)
 }
 
-/// A range that holds every value, widened to whole decades on a log scale and to a
-/// zero-based, slightly padded range on a linear one.
-fn fit(scale: Scale, values: impl Iterator<Item = f64>) -> (f64, f64) {
+/// How many ticks plotters may place: on the percentile scale, one per "nine" (min, p90,
+/// p99, p99.9, p99.99), which fall on whole coordinates.
+fn ticks(scale: Scale) -> usize {
+    match scale {
+        Scale::Percentile => PERCENTILE_MAX as usize + 1,
+        Scale::Linear | Scale::Log => 10,
+    }
+}
+
+/// The tick label of coordinate `value` on `scale`.
+fn label(scale: Scale, value: f64) -> String {
+    match scale {
+        Scale::Percentile => percent_label(1.0 - 10f64.powf(-value)),
+        Scale::Linear | Scale::Log => number_label(value),
+    }
+}
+
+/// The chart range that holds every value, in chart coordinates: widened to whole decades
+/// on a log scale, zero-based and slightly padded on a linear one, min to p99.99 on the
+/// percentile scale.
+fn fit(scale: Scale, values: impl Iterator<Item = f64>) -> Range<f64> {
     let values: Vec<f64> = values.filter(|v| plottable(scale, *v)).collect();
     let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     match scale {
-        _ if values.is_empty() => match scale {
-            Scale::Log => (1.0, 10.0),
-            Scale::Linear => (0.0, 1.0),
-            Scale::Percentile => (0.0, 0.9999),
-        },
+        Scale::Percentile => 0.0..PERCENTILE_MAX,
+        Scale::Log if values.is_empty() => 1.0..10.0,
+        Scale::Linear if values.is_empty() => 0.0..1.0,
         Scale::Log => {
             let lo = 10f64.powf(lo.log10().floor());
             let hi = 10f64.powf(hi.log10().ceil());
-            (lo, if hi > lo { hi } else { lo * 10.0 })
+            lo..if hi > lo { hi } else { lo * 10.0 }
         }
         Scale::Linear => {
             let lo = lo.min(0.0);
-            let hi = if hi > lo { hi * 1.05 } else { lo + 1.0 };
-            (lo, hi)
-        }
-        Scale::Percentile => (0.0, 0.9999),
-    }
-}
-
-/// Tick positions and labels for `range` on `scale`.
-fn ticks(scale: Scale, (lo, hi): (f64, f64)) -> Vec<(f64, String)> {
-    match scale {
-        Scale::Percentile => [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999]
-            .into_iter()
-            .filter(|f| (lo..=hi).contains(f))
-            .map(|f| (f, percent_label(f)))
-            .collect(),
-        Scale::Log => {
-            let (first, last) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
-            // With few decades, 2 and 5 get labels too.
-            let steps: &[f64] = if last - first <= 3 {
-                &[1.0, 2.0, 5.0]
-            } else {
-                &[1.0]
-            };
-            let mut ticks = Vec::new();
-            for decade in first..=last {
-                for step in steps {
-                    let value = step * 10f64.powi(decade);
-                    if value >= lo * 0.999 && value <= hi * 1.001 {
-                        ticks.push((value, number_label(value)));
-                    }
-                }
-            }
-            ticks
-        }
-        Scale::Linear => {
-            let step = nice_step((hi - lo) / 5.0);
-            let mut ticks = Vec::new();
-            let mut value = (lo / step).ceil() * step;
-            while value <= hi + step * 1e-9 {
-                ticks.push((value, number_label(value)));
-                value += step;
-            }
-            ticks
+            lo..if hi > lo { hi * 1.05 } else { lo + 1.0 }
         }
     }
-}
-
-/// The 1, 2 or 5 times a power of ten nearest above `raw`.
-fn nice_step(raw: f64) -> f64 {
-    if !(raw > 0.0 && raw.is_finite()) {
-        return 1.0;
-    }
-    let magnitude = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * magnitude)
-        .find(|step| *step >= raw * 0.999)
-        .unwrap_or(10.0 * magnitude)
 }
 
 /// `0.5` → `p50`, `0.999` → `p99.9`, `0.0` → `min`.
 fn percent_label(fraction: f64) -> String {
-    if fraction == 0.0 {
+    if fraction <= 1e-9 {
         return "min".to_owned();
     }
     let text = format!("{:.2}", fraction * 100.0);
@@ -350,20 +282,6 @@ fn number_label(value: f64) -> String {
     }
 }
 
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,12 +292,10 @@ mod tests {
             x: Axis {
                 label: "latency (ms)".to_owned(),
                 scale: Scale::Log,
-                range: None,
             },
             y: Axis {
                 label: "percentile".to_owned(),
                 scale: Scale::Percentile,
-                range: None,
             },
             panels: vec![Panel {
                 title: "saturation".to_owned(),
@@ -403,63 +319,48 @@ mod tests {
 
     #[test]
     fn renders_a_standalone_escaped_document() {
-        let svg = render(&figure(vec![(1.5, 0.1), (3.0, 0.5), (40.0, 1.0)]));
-        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        let svg = render(&figure(vec![(1.5, 0.1), (3.0, 0.5), (40.0, 0.999)])).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..80]);
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("Latency &lt;p99&gt; &amp; more"));
-        assert_eq!(svg.matches("<polyline").count(), 2);
-        assert!(svg.contains("stroke-dasharray"));
-        assert!(svg.contains(">latency (ms)<") && svg.contains(">percentile<"));
-        assert!(svg.contains(">orderflow<") && svg.contains(">baseline<"));
-        // Decades 1..100 with 2 and 5 between.
-        for label in [">1<", ">2<", ">5<", ">10<", ">100<", ">p99<", ">p99.9<"] {
-            assert!(svg.contains(label), "missing tick {label}");
+        // plotters writes each text on a line of its own.
+        let text = |t: &str| svg.contains(&format!("\n{t}\n"));
+        assert!(text("latency (ms)") && text("percentile") && text("saturation"));
+        assert!(text("orderflow") && text("baseline"));
+        assert!(svg.contains(r##"stroke="#0072B2""##), "orderflow's colour");
+        assert!(svg.contains(r##"stroke="#E69F00""##), "baseline's colour");
+        for label in ["1", "10", "100", "min", "p90", "p99", "p99.9", "p99.99"] {
+            assert!(text(label), "missing tick {label}");
         }
-        // Every tag that opens closes: a cheap well-formedness check.
+        assert!(!text("p68.38"), "ticks fall on whole nines only");
         assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
     }
 
     #[test]
     fn log_scale_drops_non_positive_points() {
-        let svg = render(&figure(vec![(0.0, 0.1), (-1.0, 0.2)]));
-        assert_eq!(svg.matches("<polyline").count(), 0);
+        let drawn = render(&figure(vec![(2.0, 0.1), (3.0, 0.2)])).unwrap();
+        let dropped = render(&figure(vec![(0.0, 0.1), (-1.0, 0.2)])).unwrap();
+        assert!(drawn.contains(r##"stroke="#0072B2""##));
+        assert!(!dropped.contains(r##"stroke="#0072B2""##));
     }
 
     #[test]
-    fn scales_map_ranges_to_unit_interval() {
-        assert_eq!(unit(Scale::Linear, (0.0, 10.0), 5.0), 0.5);
-        assert_eq!(unit(Scale::Linear, (0.0, 10.0), 20.0), 1.0);
-        assert!((unit(Scale::Log, (1.0, 100.0), 10.0) - 0.5).abs() < 1e-9);
-        assert!((unit(Scale::Percentile, (0.0, 0.9999), 0.99) - 0.5).abs() < 1e-9);
-        assert_eq!(unit(Scale::Percentile, (0.0, 0.9999), 1.0), 1.0);
-        assert_eq!(unit(Scale::Linear, (3.0, 3.0), 3.0), 0.5);
+    fn the_percentile_scale_spaces_the_tail_evenly() {
+        assert!((tail(0.9) - 1.0).abs() < 1e-9);
+        assert!((tail(0.99) - 2.0).abs() < 1e-9);
+        assert_eq!(tail(1.0), PERCENTILE_MAX);
+        assert_eq!(label(Scale::Percentile, 2.0), "p99");
+        assert_eq!(label(Scale::Percentile, 0.0), "min");
     }
 
     #[test]
     fn fits_decades_and_padded_linear_ranges() {
-        assert_eq!(fit(Scale::Log, [0.3, 42.0].into_iter()), (0.1, 100.0));
-        assert_eq!(fit(Scale::Log, [10.0].into_iter()), (10.0, 100.0));
-        let (lo, hi) = fit(Scale::Linear, [20.0, 40.0].into_iter());
-        assert_eq!(lo, 0.0);
-        assert!(hi > 40.0);
-        assert_eq!(fit(Scale::Linear, std::iter::empty()), (0.0, 1.0));
-    }
-
-    #[test]
-    fn ticks_are_round_numbers() {
-        let labels: Vec<String> = ticks(Scale::Linear, (0.0, 47.0))
-            .into_iter()
-            .map(|t| t.1)
-            .collect();
-        assert_eq!(labels, ["0", "10", "20", "30", "40"]);
-        let labels: Vec<String> = ticks(Scale::Log, (0.1, 100_000.0))
-            .into_iter()
-            .map(|t| t.1)
-            .collect();
-        assert_eq!(labels, ["0.1", "1", "10", "100", "1000", "10000", "100000"]);
-        assert_eq!(nice_step(7.0), 10.0);
-        assert_eq!(nice_step(1.2), 2.0);
-        assert_eq!(nice_step(0.03), 0.05);
+        assert_eq!(fit(Scale::Log, [0.3, 42.0].into_iter()), 0.1..100.0);
+        assert_eq!(fit(Scale::Log, [10.0].into_iter()), 10.0..100.0);
+        let linear = fit(Scale::Linear, [20.0, 40.0].into_iter());
+        assert_eq!(linear.start, 0.0);
+        assert!(linear.end > 40.0);
+        assert_eq!(fit(Scale::Linear, std::iter::empty()), 0.0..1.0);
     }
 
     #[test]

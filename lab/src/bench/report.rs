@@ -543,12 +543,10 @@ impl Report {
             x: Axis {
                 label: "latency from send to completion (ms, log scale)".to_owned(),
                 scale: Scale::Log,
-                range: None,
             },
             y: Axis {
                 label: "percentile of orders".to_owned(),
                 scale: Scale::Percentile,
-                range: None,
             },
             panels,
         }
@@ -597,12 +595,10 @@ impl Report {
             x: Axis {
                 label: "time since the measured phase started (s)".to_owned(),
                 scale: Scale::Linear,
-                range: None,
             },
             y: Axis {
                 label: "RSS (MiB)".to_owned(),
                 scale: Scale::Linear,
-                range: None,
             },
             panels,
         }
@@ -618,8 +614,8 @@ impl Report {
         write("results.json", serde_json::to_string_pretty(self)?)?;
         write("report.txt", self.text())?;
         write("report.md", self.markdown())?;
-        write("latency.svg", plot::render(&self.latency_figure()))?;
-        write("memory.svg", plot::render(&self.memory_figure()))?;
+        write("latency.svg", plot::render(&self.latency_figure())?)?;
+        write("memory.svg", plot::render(&self.memory_figure())?)?;
         Ok(())
     }
 
