@@ -2,7 +2,8 @@
 #
 # One image for every orderflow process: `orderflow-server` (Order, Inventory and Payment
 # services; pick them with ORDERFLOW_SERVICES) and the `orderflow` CLI, which also serves as
-# the health probe. Build with BuildKit (the default in current Docker):
+# the health probe. The workshop (lab/: orderflow-bench, orderflow-chaos) is not built into
+# it. Build with BuildKit (the default in current Docker):
 #
 #   docker build -t orderflow:local .
 #

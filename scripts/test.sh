@@ -91,8 +91,9 @@ if [[ ",$brokers," == *",4,"* ]]; then
   # The cluster test builds its own three 3.x nodes from the installed rabbitmq-server, so it
   # would only repeat itself; unit tests do not touch a broker.
   AMQP_URL="$rmq4_url" RABBITMQCTL="${rmq4_ctl:-rabbitmqctl}" \
-    cargo test --locked --no-fail-fast -p orderflow-server --test it --test resilience --test scale \
-      -p orderflow-client --test cli "$@" -- --skip cluster::
+    cargo test --locked --no-fail-fast -p orderflow-server --test it \
+      -p orderflow-lab --test resilience --test scale -p orderflow-client --test cli "$@" \
+      -- --skip cluster::
   if [ -z "${ORDERFLOW_TEST_RABBITMQ4_URL:-}" ]; then
     scripts/rabbitmq4.sh deprecations "$since"
   fi

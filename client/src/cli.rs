@@ -81,8 +81,6 @@ pub(crate) enum Command {
     Dlq(DlqCommand),
     /// Check the server's health: exit 0 only while it reports SERVING.
     Health(HealthArgs),
-    /// Measure orders/s and latency of a fresh orderflow next to a raw RabbitMQ baseline.
-    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]

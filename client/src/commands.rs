@@ -18,11 +18,6 @@ use crate::{
 
 /// Connects and runs the chosen subcommand.
 pub(crate) async fn run(cli: Cli) -> Result<()> {
-    // The bench starts and connects to its own servers.
-    let command = match cli.command {
-        Command::Bench(args) => return crate::bench::run(args, cli.json, cli.timeout).await,
-        command => command,
-    };
     let tls_ca = match &cli.tls_ca {
         Some(path) => Some(
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
@@ -35,8 +30,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
     };
     let mut api = Api::connect(&cli.addr, cli.timeout, &access).await?;
     let mut printer = Printer { json: cli.json };
-    match command {
-        Command::Bench(_) => unreachable!("handled above"),
+    match cli.command {
         Command::Place(args) => place(&mut api, &mut printer, args).await,
         Command::Get(args) => get(&mut api, &mut printer, args).await,
         Command::List(args) => list(&mut api, &mut printer, args).await,

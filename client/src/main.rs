@@ -4,7 +4,6 @@
 //! outcome into an exit status. See `cli` for the commands and `exit` for the statuses.
 
 mod api;
-mod bench;
 mod cli;
 mod commands;
 mod dlq;
@@ -18,18 +17,10 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    // One thread is plenty for a CLI that waits on one call or stream at a time. The bench
-    // drives thousands of concurrent streams and runs the baseline's consumers in this
-    // process, so it gets every core.
-    let runtime = if matches!(cli.command, cli::Command::Bench(_)) {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    };
+    // One thread is plenty for a CLI that waits on one call or stream at a time.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let outcome = runtime
         .map_err(anyhow::Error::from)
         .and_then(|runtime| runtime.block_on(commands::run(cli)));

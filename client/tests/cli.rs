@@ -19,7 +19,8 @@ struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown.cancel();
-        orderflow_server::chaos::delete_namespace_blocking(&amqp_url(), &self.namespace);
+        orderflow_server::bus::Topology::for_teardown(self.namespace.as_str())
+            .delete_all_blocking(&amqp_url());
     }
 }
 

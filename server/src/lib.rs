@@ -30,7 +30,6 @@
 pub mod api;
 pub mod app;
 pub mod bus;
-pub mod chaos;
 pub mod config;
 pub mod db;
 pub mod endpoint;

@@ -20,12 +20,13 @@
 
 mod retire;
 pub mod spec;
+mod teardown;
 
 use std::collections::BTreeMap;
 
 use lapin::{
     Channel,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString},
 };
 
@@ -419,22 +420,6 @@ impl Topology {
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Deletes every queue and exchange of the namespace (test clean-up, `reset` tooling).
-    pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
-        let spec = self.spec();
-        for queue in &spec.queues {
-            channel
-                .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
-                .await?;
-        }
-        for exchange in &spec.exchanges {
-            channel
-                .exchange_delete(exchange.name.as_str().into(), Default::default())
                 .await?;
         }
         Ok(())

@@ -1,4 +1,4 @@
-//! The broker under test, shared by the test binaries (`#[path]`-included by each): its URL
+//! The broker under test, shared by the test binaries (`#[path]`-included by each, lab's too): its URL
 //! comes from `AMQP_URL` and its control command from `RABBITMQCTL`, so the same tests run
 //! against another node (e.g. RabbitMQ 4 on 5673) by changing two variables.
 
@@ -40,9 +40,17 @@ pub(crate) fn amqp_url_as(user: &str, password: &str) -> String {
     format!("{scheme}://{user}:{password}@{host}{vhost}")
 }
 
-/// The broker's control command (`RABBITMQCTL`, default `rabbitmqctl`).
-pub(crate) fn ctl() -> orderflow_server::chaos::broker::Ctl {
-    orderflow_server::chaos::broker::Ctl::from_env()
+/// The broker's control command with `args` appended: `RABBITMQCTL` split on whitespace
+/// (e.g. `scripts/rabbitmq4.sh ctl`), else `rabbitmqctl`.
+pub(crate) fn ctl(args: &[&str]) -> std::process::Command {
+    let line = std::env::var("RABBITMQCTL").unwrap_or_default();
+    let mut words = line.split_whitespace();
+    let mut command = std::process::Command::new(words.next().unwrap_or("rabbitmqctl"));
+    command
+        .args(words)
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    command
 }
 
 /// The broker's URL (same credentials and vhost) pointed at `addr` instead, e.g. a proxy.

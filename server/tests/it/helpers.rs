@@ -395,7 +395,8 @@ impl Drop for TestApp {
             return;
         }
         // Delete this test's queues and exchanges so repeated runs leave the broker clean.
-        orderflow_server::chaos::delete_namespace_blocking(&amqp_url(), &self.namespace);
+        orderflow_server::bus::Topology::for_teardown(self.namespace.as_str())
+            .delete_all_blocking(&amqp_url());
     }
 }
 

@@ -21,6 +21,7 @@ mod process;
 mod readme;
 mod saga;
 mod security;
+mod teardown;
 mod verify;
 mod watch_order;
 mod wire;

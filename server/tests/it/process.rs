@@ -244,7 +244,8 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
-        orderflow_server::chaos::delete_namespace_blocking(&amqp_url(), &self.namespace);
+        orderflow_server::bus::Topology::for_teardown(self.namespace.as_str())
+            .delete_all_blocking(&amqp_url());
     }
 }
 

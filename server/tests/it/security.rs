@@ -469,14 +469,13 @@ impl BrokerUser {
             password: format!("pw-{}", &id[8..]),
         };
         let ctl = |args: &[&str]| {
-            let status = crate::broker::ctl()
-                .command(args)
+            let command = crate::broker::ctl(args);
+            let status = crate::broker::ctl(args)
                 .output()
-                .unwrap_or_else(|e| panic!("{} runs: {e}", crate::broker::ctl()));
+                .unwrap_or_else(|e| panic!("{command:?} runs: {e}"));
             assert!(
                 status.status.success(),
-                "{} {args:?}: {}",
-                crate::broker::ctl(),
+                "{command:?}: {}",
                 String::from_utf8_lossy(&status.stderr)
             );
         };
@@ -488,9 +487,7 @@ impl BrokerUser {
 
 impl Drop for BrokerUser {
     fn drop(&mut self) {
-        let _ = crate::broker::ctl()
-            .command(&["delete_user", &self.name])
-            .output();
+        let _ = crate::broker::ctl(&["delete_user", &self.name]).output();
     }
 }
 

@@ -1,6 +1,6 @@
-//! The arrival patterns shared by the orderflow driver and the lapin baseline: closed loop
-//! (at most K orders in flight, serial being K = 1) and open loop (a fixed arrival rate), so
-//! both systems see exactly the same load and differ only in what one order costs.
+//! The arrival patterns shared by the order driver and the bench's lapin baseline: closed
+//! loop (at most K orders in flight, serial being K = 1) and open loop (a fixed arrival rate),
+//! so both systems see exactly the same load and differ only in what one order costs.
 //!
 //! Open-loop latency is measured from each order's *scheduled* send time, not from when the
 //! send happened, so a stalled sender cannot hide the stall (no coordinated omission).
@@ -19,10 +19,11 @@ use tokio::{
     task::JoinSet,
     time::Instant,
 };
+use tokio_util::sync::CancellationToken;
 
 /// How orders arrive.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Pattern {
+pub enum Pattern {
     /// Send the next order as soon as one of the `in_flight` outstanding orders finished.
     Closed { in_flight: usize },
     /// Send order `i` at `start + i / per_sec`, whatever the system does. `max_outstanding`
@@ -36,56 +37,66 @@ pub(crate) enum Pattern {
 
 /// One phase: `orders` orders in `pattern`, stopped at `limit` whatever happened by then.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Phase {
-    pub(crate) orders: u64,
-    pub(crate) pattern: Pattern,
-    pub(crate) limit: Duration,
+pub struct Phase {
+    pub orders: u64,
+    pub pattern: Pattern,
+    pub limit: Duration,
 }
 
 /// What happened to one order, as the system under test reports it.
 #[derive(Debug)]
-pub(crate) struct Finished {
+pub struct Finished {
+    /// The order's id, once the system accepted it.
+    pub order_id: Option<String>,
     /// When the system accepted the order (PlaceOrder returned / the publish was confirmed),
     /// if it did.
-    pub(crate) accepted_at: Option<Instant>,
+    pub accepted_at: Option<Instant>,
     /// When the completion arrived, or why the order did not complete (a short, stable
     /// category such as `PlaceOrder: Unavailable`, so errors can be counted by kind).
-    pub(crate) completed_at: Result<Instant, String>,
+    pub completed_at: Result<Instant, String>,
 }
 
 /// One order's record, times relative to its scheduled send.
 #[derive(Debug, Clone)]
-pub(crate) struct Outcome {
-    pub(crate) accept_latency: Option<Duration>,
+pub struct Outcome {
+    /// The order's id, if the system accepted it.
+    pub order_id: Option<String>,
+    pub accept_latency: Option<Duration>,
     /// End-to-end latency, or the error category.
-    pub(crate) result: Result<Duration, String>,
+    pub result: Result<Duration, String>,
     /// Completion (or failure) time, since the phase started.
-    pub(crate) finished: Duration,
+    pub finished: Duration,
 }
 
 /// Everything one phase produced.
 #[derive(Debug)]
-pub(crate) struct PhaseResult {
+pub struct PhaseResult {
     /// Orders finished (completed or failed), in completion order.
-    pub(crate) outcomes: Vec<Outcome>,
+    pub outcomes: Vec<Outcome>,
     /// Orders sent; `sent - outcomes.len()` were still in flight when the phase was cut.
-    pub(crate) sent: u64,
+    pub sent: u64,
     /// Whether `limit` cut the phase short.
-    pub(crate) hit_limit: bool,
+    pub hit_limit: bool,
     /// Open loop: the largest delay of a send behind its schedule.
-    pub(crate) max_send_lag: Duration,
+    pub max_send_lag: Duration,
 }
 
 impl PhaseResult {
-    pub(crate) fn unfinished(&self) -> u64 {
+    pub fn unfinished(&self) -> u64 {
         self.sent.saturating_sub(self.outcomes.len() as u64)
     }
 }
 
 /// Runs `phase`, calling `order(index)` for each order; the future it returns resolves when
 /// the order reached its end. `done` counts finished orders as they finish, for progress
-/// reports and the memory timeline.
-pub(crate) async fn run<F, Fut>(phase: Phase, done: Arc<AtomicU64>, order: F) -> PhaseResult
+/// reports and the memory timeline. `stop` ends the sending early but lets the orders in
+/// flight finish (the phase's limit still cuts them).
+pub async fn run<F, Fut>(
+    phase: Phase,
+    done: Arc<AtomicU64>,
+    stop: &CancellationToken,
+    order: F,
+) -> PhaseResult
 where
     F: Fn(u64) -> Fut,
     Fut: Future<Output = Finished> + Send + 'static,
@@ -107,15 +118,25 @@ where
 
     let send_all = async {
         for index in 0..phase.orders {
+            if stop.is_cancelled() {
+                break;
+            }
             let scheduled = match per_sec {
                 Some(rate) => {
                     let at = start + Duration::from_secs_f64(index as f64 / rate);
-                    tokio::time::sleep_until(at).await;
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
                     at
                 }
                 None => Instant::now(),
             };
-            let Ok(permit) = slots.clone().acquire_owned().await else {
+            let permit = tokio::select! {
+                _ = stop.cancelled() => break,
+                permit = slots.clone().acquire_owned() => permit,
+            };
+            let Ok(permit) = permit else {
                 break; // never closed
             };
             if per_sec.is_some() {
@@ -137,6 +158,7 @@ where
                     Err(_) => Instant::now(),
                 };
                 let outcome = Outcome {
+                    order_id: finished.order_id,
                     accept_latency: finished
                         .accepted_at
                         .map(|at| at.saturating_duration_since(scheduled)),
@@ -181,6 +203,7 @@ mod tests {
 
     fn completes_after(delay: Duration) -> Finished {
         Finished {
+            order_id: Some("o".to_owned()),
             accepted_at: Some(Instant::now()),
             completed_at: Ok(Instant::now() + delay),
         }
@@ -195,7 +218,7 @@ mod tests {
             pattern: Pattern::Closed { in_flight: 4 },
             limit: Duration::from_secs(60),
         };
-        let result = run(phase, Arc::default(), |_| {
+        let result = run(phase, Arc::default(), &CancellationToken::new(), |_| {
             let (running, peak) = (running.clone(), peak.clone());
             async move {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -224,10 +247,15 @@ mod tests {
             },
             limit: Duration::from_secs(60),
         };
-        let result = run(phase, Arc::default(), |_| async {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            completes_after(Duration::ZERO)
-        })
+        let result = run(
+            phase,
+            Arc::default(),
+            &CancellationToken::new(),
+            |_| async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                completes_after(Duration::ZERO)
+            },
+        )
         .await;
         // Orders 0 and 1 take their 1 s. Orders 2 and 3 were due at 0.2 and 0.3 s but could
         // only start at 1.0 and 1.1 s: 1.8 s each, not 1 s. Orders 4 and 5 waited longer still.
@@ -249,7 +277,7 @@ mod tests {
             limit: Duration::from_millis(2500),
         };
         let done = Arc::new(AtomicU64::new(0));
-        let result = run(phase, done.clone(), |_| async {
+        let result = run(phase, done.clone(), &CancellationToken::new(), |_| async {
             tokio::time::sleep(Duration::from_secs(1)).await;
             completes_after(Duration::ZERO)
         })
@@ -262,22 +290,58 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn stopping_ends_the_sending_but_lets_orders_in_flight_finish() {
+        let phase = Phase {
+            orders: 100,
+            pattern: Pattern::Open {
+                per_sec: 10.0,
+                max_outstanding: 100,
+            },
+            limit: Duration::from_secs(60),
+        };
+        let stop = CancellationToken::new();
+        let stopper = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(450)).await;
+                stop.cancel();
+            })
+        };
+        let result = run(phase, Arc::default(), &stop, |_| async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            completes_after(Duration::ZERO)
+        })
+        .await;
+        stopper.await.unwrap();
+        // Orders due at 0, 0.1, … 0.4 s were sent; each still took its 2 s.
+        assert_eq!(result.sent, 5);
+        assert_eq!(result.outcomes.len(), 5);
+        assert!(!result.hit_limit);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn failures_are_recorded_with_their_category() {
         let phase = Phase {
             orders: 3,
             pattern: Pattern::Closed { in_flight: 1 },
             limit: Duration::from_secs(5),
         };
-        let result = run(phase, Arc::default(), |i| async move {
-            if i == 1 {
-                Finished {
-                    accepted_at: None,
-                    completed_at: Err("PlaceOrder: Unavailable".to_owned()),
+        let result = run(
+            phase,
+            Arc::default(),
+            &CancellationToken::new(),
+            |i| async move {
+                if i == 1 {
+                    Finished {
+                        order_id: None,
+                        accepted_at: None,
+                        completed_at: Err("PlaceOrder: Unavailable".to_owned()),
+                    }
+                } else {
+                    completes_after(Duration::from_millis(5))
                 }
-            } else {
-                completes_after(Duration::from_millis(5))
-            }
-        })
+            },
+        )
         .await;
         let errors: Vec<_> = result
             .outcomes

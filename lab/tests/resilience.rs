@@ -8,15 +8,17 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use orderflow_lab::{
+    audit,
+    broker::{self, Ctl},
+    chaos::{self, Report, faults::Fault},
+    deployment::{self, Deployment, Layout},
+    driver::{self, Plan},
+};
 use orderflow_proto::orderflow::v1::{
     self as pb, OrderStatus, order_service_client::OrderServiceClient,
 };
-use orderflow_server::chaos::{
-    self, Report, audit, broker,
-    deployment::{self, Deployment},
-    driver::{self, Plan},
-    faults::Fault,
-};
+use orderflow_server::bus::Topology;
 use tokio::sync::Mutex;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -30,7 +32,9 @@ const CATALOG: &[(&str, i64, i64)] = &[
     ("R-PRICEY", 80_000, 1_000_000),
 ];
 
-#[path = "common/broker.rs"]
+#[path = "common/server_bin.rs"]
+mod server_bin;
+#[path = "../../server/tests/common/broker.rs"]
 mod test_broker;
 
 use test_broker::amqp_url;
@@ -43,12 +47,13 @@ fn settings(dir: &std::path::Path, namespace: &str) -> deployment::Settings {
     let path = dir.join("catalog.json");
     std::fs::write(&path, serde_json::to_string(&catalog).unwrap()).unwrap();
     deployment::Settings {
-        server_bin: env!("CARGO_BIN_EXE_orderflow-server").into(),
+        server_bin: server_bin::server_bin(),
         namespace: namespace.to_owned(),
         data_dir: dir.to_owned(),
         amqp_url: amqp_url(),
         database_url: None,
         sqlite_services: vec![],
+        layout: Layout::Separate,
         instances: 1,
         args: vec![
             "--catalog".into(),
@@ -99,7 +104,7 @@ async fn chaos_run(
         plan,
         initial_stock: initial_stock(),
         settle_timeout: Duration::from_secs(120),
-        rabbitmqctl: test_broker::ctl(),
+        rabbitmqctl: Ctl::from_env(),
     })
     .await
     .expect("chaos run completes");
@@ -267,7 +272,10 @@ impl UnderLoad {
             "the order taken during the {what} completed"
         );
         self.deployment.stop().await.unwrap();
-        chaos::delete_namespace(&amqp_url(), &self.namespace).await;
+        Topology::for_teardown(self.namespace.as_str())
+            .delete_all_at(&amqp_url())
+            .await
+            .expect("namespace deleted");
         placed
     }
 }
@@ -278,7 +286,7 @@ async fn a_broker_restart_delays_orders_but_loses_none() {
     let load = UnderLoad::start(40.0).await;
     // Stop the broker; every service notices and reports NOT_SERVING.
     let restart =
-        tokio::spawn(async { broker::restart(&test_broker::ctl(), Duration::from_secs(4)).await });
+        tokio::spawn(async { broker::restart(&Ctl::from_env(), Duration::from_secs(4)).await });
     load.deployment
         .wait_health_all(ServingStatus::NotServing, Duration::from_secs(60))
         .await
@@ -305,7 +313,7 @@ async fn a_20s_memory_alarm_delays_orders_but_loses_and_fails_none() {
     let load = UnderLoad::start(20.0).await;
     // The broker blocks every publishing connection. The guard restores the watermark even if
     // an assertion below fails; the alarm never outlasts 20 s on purpose.
-    let ctl = test_broker::ctl();
+    let ctl = Ctl::from_env();
     let alarm = broker::MemoryAlarm::raise(&ctl)
         .await
         .expect("memory alarm raised");

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
+use orderflow_lab::deployment::Deployment;
 use orderflow_proto::orderflow::v1::{
     self as pb, OrderStatus, order_service_client::OrderServiceClient,
 };
-use orderflow_server::{chaos::deployment::Deployment, service::Service};
+use orderflow_server::{bus::Topology, service::Service};
 use sqlx::{Connection as _, PgConnection};
 use tonic::transport::Channel;
 
@@ -147,5 +148,8 @@ async fn the_saga_runs_on_postgresql_and_survives_restarts() {
         ]
     );
     deployment.stop().await.unwrap();
-    orderflow_server::chaos::delete_namespace(&harness::amqp_url(), &namespace).await;
+    Topology::for_teardown(namespace.as_str())
+        .delete_all_at(&harness::amqp_url())
+        .await
+        .expect("namespace deleted");
 }

@@ -8,16 +8,14 @@ use std::{
 };
 
 use futures_util::future::join_all;
+use orderflow_lab::{
+    deployment::Deployment,
+    driver::{self, Plan},
+};
 use orderflow_proto::orderflow::v1::{
     self as pb, OrderStatus, order_service_client::OrderServiceClient,
 };
-use orderflow_server::{
-    chaos::{
-        deployment::Deployment,
-        driver::{self, Plan},
-    },
-    service::Service,
-};
+use orderflow_server::{bus::Topology, service::Service};
 use tonic::transport::Channel;
 
 use crate::{
@@ -200,7 +198,10 @@ async fn two_instances_of_each_service_finish_2000_orders_and_publish_each_event
         );
     }
     deployment.stop().await.unwrap();
-    orderflow_server::chaos::delete_namespace(&harness::amqp_url(), &namespace).await;
+    Topology::for_teardown(namespace.as_str())
+        .delete_all_at(&harness::amqp_url())
+        .await
+        .expect("namespace deleted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,5 +244,8 @@ async fn a_hot_sku_with_stock_n_sells_exactly_n_across_instances() {
     .unwrap();
     assert_eq!(available, 0);
     deployment.stop().await.unwrap();
-    orderflow_server::chaos::delete_namespace(&harness::amqp_url(), &namespace).await;
+    Topology::for_teardown(namespace.as_str())
+        .delete_all_at(&harness::amqp_url())
+        .await
+        .expect("namespace deleted");
 }

@@ -6,14 +6,16 @@
 //! Each test has its own PostgreSQL database, broker namespace and data directory, so they run
 //! in parallel with each other; the cluster test's nodes do not touch the shared broker.
 
-#[path = "../common/broker.rs"]
+#[path = "../../../server/tests/common/broker.rs"]
 mod broker;
 mod cluster;
 mod harness;
 mod instances;
 mod outage;
-#[path = "../common/pg_database.rs"]
+#[path = "../../../server/tests/common/pg_database.rs"]
 mod pg_database;
 mod postgres;
-#[path = "../common/tap.rs"]
+#[path = "../common/server_bin.rs"]
+mod server_bin;
+#[path = "../../../server/tests/common/tap.rs"]
 mod tap;

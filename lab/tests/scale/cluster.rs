@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use orderflow_server::chaos::{
+use orderflow_lab::{
     deployment::Deployment,
     driver::{self, Plan},
 };

@@ -7,12 +7,17 @@ use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
+use clap::ValueEnum as _;
+use orderflow_server::db::DbSync;
+
 use super::{
     Mode,
     plot::{self, Axis, Figure, Panel, Scale, Series},
-    procstat::{self, Reading, RssPoint},
-    server::{DbSync, Deployment, Exit},
     stats::{Latencies, Summary},
+};
+use crate::{
+    deployment::{Exit, Layout},
+    procstat::{self, Reading, RssPoint},
 };
 
 /// Share of the machine's CPU that other processes may use before a run is flagged noisy.
@@ -54,27 +59,17 @@ pub(crate) struct Machine {
 
 impl Machine {
     pub(crate) fn detect() -> Self {
-        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        use procfs::Current as _;
+        let kernel = procfs::sys::kernel::Version::current().ok();
         Self {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            cpu_model: cpuinfo.lines().find_map(|l| {
-                let (key, value) = l.split_once(':')?;
-                (key.trim() == "model name").then(|| value.trim().to_owned())
-            }),
-            memory_mib: meminfo.lines().find_map(|l| {
-                let kib: u64 = l
-                    .strip_prefix("MemTotal:")?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()?;
-                Some(kib / 1024)
-            }),
-            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            cpu_model: procfs::CpuInfo::current()
                 .ok()
-                .map(|s| s.trim().to_owned()),
+                .and_then(|info| info.model_name(0).map(str::to_owned)),
+            memory_mib: procfs::Meminfo::current()
+                .ok()
+                .map(|m| m.mem_total / (1024 * 1024)),
+            kernel: kernel.map(|v| format!("{}.{}.{}", v.major, v.minor, v.patch)),
         }
     }
 }
@@ -82,7 +77,9 @@ impl Machine {
 /// The settings every run shared.
 #[derive(Debug, Serialize)]
 pub(crate) struct Config {
-    pub(crate) deployment: Deployment,
+    pub(crate) deployment: Layout,
+    /// The server's own setting, written as its `--db-sync` value.
+    #[serde(serialize_with = "db_sync_name")]
     pub(crate) db_sync: DbSync,
     pub(crate) prefetch: u16,
     pub(crate) orders: u64,
@@ -219,6 +216,17 @@ impl Run {
     }
 }
 
+/// `full` or `normal`: the server's `--db-sync` value.
+pub(crate) fn db_sync_arg(db_sync: DbSync) -> String {
+    db_sync
+        .to_possible_value()
+        .map_or_else(String::new, |value| value.get_name().to_owned())
+}
+
+fn db_sync_name<S: serde::Serializer>(db_sync: &DbSync, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&db_sync_arg(*db_sync))
+}
+
 impl Report {
     /// The human-readable report: results table, resources table, then anything abnormal.
     pub(crate) fn text(&self) -> String {
@@ -228,10 +236,7 @@ impl Report {
             out,
             "orderflow bench: {} deployment, db-sync {}, prefetch {}, warm-up {} orders per run",
             c.deployment,
-            match c.db_sync {
-                DbSync::Full => "full",
-                DbSync::Normal => "normal",
-            },
+            db_sync_arg(c.db_sync),
             c.prefetch,
             c.warmup_orders
         );
@@ -533,20 +538,15 @@ impl Report {
             title: format!(
                 "End-to-end latency, orderflow vs raw RabbitMQ ({}, db-sync {})",
                 self.config.deployment,
-                match self.config.db_sync {
-                    DbSync::Full => "full",
-                    DbSync::Normal => "normal",
-                }
+                db_sync_arg(self.config.db_sync)
             ),
             x: Axis {
                 label: "latency from send to completion (ms, log scale)".to_owned(),
                 scale: Scale::Log,
-                range: None,
             },
             y: Axis {
                 label: "percentile of orders".to_owned(),
                 scale: Scale::Percentile,
-                range: None,
             },
             panels,
         }
@@ -595,12 +595,10 @@ impl Report {
             x: Axis {
                 label: "time since the measured phase started (s)".to_owned(),
                 scale: Scale::Linear,
-                range: None,
             },
             y: Axis {
                 label: "RSS (MiB)".to_owned(),
                 scale: Scale::Linear,
-                range: None,
             },
             panels,
         }
@@ -616,8 +614,8 @@ impl Report {
         write("results.json", serde_json::to_string_pretty(self)?)?;
         write("report.txt", self.text())?;
         write("report.md", self.markdown())?;
-        write("latency.svg", plot::render(&self.latency_figure()))?;
-        write("memory.svg", plot::render(&self.memory_figure()))?;
+        write("latency.svg", plot::render(&self.latency_figure())?)?;
+        write("memory.svg", plot::render(&self.memory_figure())?)?;
         Ok(())
     }
 

@@ -7,7 +7,12 @@
 use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use orderflow_server::chaos::{self, driver::Plan, faults::Fault};
+use orderflow_lab::{
+    broker::Ctl,
+    chaos::{self, faults::Fault},
+    deployment::{self, Layout},
+    driver::Plan,
+};
 
 /// Chaos test of a local orderflow deployment.
 #[derive(Debug, Parser)]
@@ -101,7 +106,7 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<bool> {
     let server_bin = match args.server_bin {
         Some(path) => path,
-        None => std::env::current_exe()?.with_file_name("orderflow-server"),
+        None => deployment::default_server_bin()?,
     };
     anyhow::ensure!(
         server_bin.is_file(),
@@ -119,13 +124,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     eprintln!("namespace {namespace}, data in {}", dir.display());
 
     let settings = chaos::Settings {
-        deployment: chaos::deployment::Settings {
+        deployment: deployment::Settings {
             server_bin,
             namespace,
             data_dir: dir.clone(),
             amqp_url: args.amqp_url.clone(),
             database_url: args.database_url,
             sqlite_services: vec![],
+            layout: Layout::Separate,
             instances: args.instances,
             args: vec![
                 "--catalog".into(),
@@ -154,7 +160,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .map(|(s, _, n)| ((*s).to_owned(), *n))
             .collect::<HashMap<_, _>>(),
         settle_timeout: Duration::from_secs(180),
-        rabbitmqctl: chaos::broker::Ctl::parse(&args.rabbitmqctl),
+        rabbitmqctl: Ctl::parse(&args.rabbitmqctl),
     };
     let report = chaos::run(settings).await?;
     println!("{report}");

@@ -32,10 +32,10 @@ use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    broker,
-    load::{PRICE_CENTS, sku},
-    workload::{self, Finished, Phase, PhaseResult},
+    amqp as broker,
+    catalog::{PRICE_CENTS, sku},
 };
+use crate::driver::pattern::{self, Finished, Phase, PhaseResult};
 
 const ORDER_CREATED: &str = "order.created";
 const INVENTORY_RESERVED: &str = "inventory.reserved";
@@ -117,7 +117,7 @@ impl Baseline {
         first_index: u64,
         done: Arc<AtomicU64>,
     ) -> PhaseResult {
-        workload::run(phase, done, |i| {
+        pattern::run(phase, done, &CancellationToken::new(), |i| {
             one_order(
                 self.publish.clone(),
                 self.namespace.clone(),
@@ -250,12 +250,14 @@ async fn one_order(
             .unwrap_or_else(|e| e.into_inner())
             .remove(&order_id);
         return Finished {
+            order_id: None,
             accepted_at: None,
             completed_at: Err(format!("publish OrderCreated: {why}")),
         };
     }
     let completed_at = rx.await.map_err(|_| "completion waiter dropped".to_owned());
     Finished {
+        order_id: Some(order_id),
         accepted_at: Some(accepted_at),
         completed_at,
     }

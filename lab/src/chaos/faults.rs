@@ -4,7 +4,10 @@ use std::{fmt, str::FromStr, time::Duration};
 
 use rand::Rng as _;
 
-use super::{broker, deployment::Deployment};
+use crate::{
+    broker,
+    deployment::{self, Deployment},
+};
 
 /// One kind of trouble.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +68,7 @@ pub async fn inject(
 ) -> anyhow::Result<String> {
     let instances = deployment.instances();
     let instance = instances[rand::rng().random_range(0..instances.len())];
-    let name = super::deployment::instance_name(instance);
+    let name = deployment::instance_name(instance);
     let pause = Duration::from_millis(rand::rng().random_range(200..2000));
     match fault {
         Fault::CloseConnections => {

@@ -5,12 +5,12 @@ use std::{collections::HashMap, path::Path, time::Duration};
 
 use futures_util::StreamExt as _;
 use lapin::{Connection, ConnectionProperties};
+use orderflow_lab::{
+    audit::{self, Audit, State},
+    deployment::{self, Layout},
+};
 use orderflow_proto::orderflow::v1::{
     self as pb, OrderStatus, order_service_client::OrderServiceClient,
-};
-use orderflow_server::chaos::{
-    audit::{self, Audit, State},
-    deployment,
 };
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -58,12 +58,13 @@ pub(crate) fn settings(
     items: &[Item],
 ) -> deployment::Settings {
     deployment::Settings {
-        server_bin: env!("CARGO_BIN_EXE_orderflow-server").into(),
+        server_bin: crate::server_bin::server_bin(),
         namespace: namespace.to_owned(),
         data_dir: dir.to_owned(),
         amqp_url,
         database_url,
         sqlite_services: vec![],
+        layout: Layout::Separate,
         instances,
         args: vec![
             "--catalog".into(),

@@ -1,23 +1,24 @@
 //! Chaos runs: what production does to orderflow, on one machine, with proof that nothing is
-//! lost. A [`deployment::Deployment`] runs the three services as separate `orderflow-server`
-//! processes; a [`driver::Driver`] keeps placing orders through gRPC; [`faults`] closes broker
-//! connections, restarts the broker, kills or stops services at random; [`audit`] then checks
-//! every invariant against the services' databases.
+//! lost. A [`Deployment`] runs the three services as separate `orderflow-server` processes;
+//! the [`driver`] keeps placing orders through gRPC; [`faults`] closes broker connections,
+//! restarts the broker, kills or stops services at random; [`audit`] then checks every
+//! invariant against the services' databases.
 //!
 //! Used by the `orderflow-chaos` binary and by the resilience tests. Loopback only; every run
 //! is bounded in time and count.
 
-pub mod audit;
-pub mod broker;
-pub mod deployment;
-pub mod driver;
 pub mod faults;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
-pub use audit::Audit;
+use orderflow_server::{bus::Topology, service::Service};
 
-use crate::service::Service;
+use crate::{
+    audit::{self, Audit},
+    broker,
+    deployment::{self, Deployment},
+    driver,
+};
 
 /// What one chaos run did and found.
 #[derive(Debug, Clone, Default)]
@@ -118,7 +119,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<Report> {
 
     let started = std::time::Instant::now();
     let namespace = settings.deployment.namespace.clone();
-    let mut deployment = deployment::Deployment::start(settings.deployment.clone()).await?;
+    let mut deployment = Deployment::start(settings.deployment.clone()).await?;
     let stop = tokio_util::sync::CancellationToken::new();
     let run_id = format!("{namespace}-{}", uuid::Uuid::new_v4().simple());
     let load_started = std::time::Instant::now();
@@ -193,7 +194,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<Report> {
     }
     let peak_rss_kib = deployment.peak_rss_kib();
     deployment.stop().await?;
-    delete_namespace(&settings.deployment.amqp_url, &namespace).await;
+    // Best effort: the report matters more than a namespace left behind.
+    if let Err(error) = Topology::for_teardown(namespace.as_str())
+        .delete_all_at(&settings.deployment.amqp_url)
+        .await
+    {
+        tracing::warn!(error = %format!("{error:#}"), "Could not delete the run's namespace.");
+    }
     Ok(Report {
         elapsed: started.elapsed(),
         placing,
@@ -202,33 +209,4 @@ pub async fn run(settings: Settings) -> anyhow::Result<Report> {
         audit,
         peak_rss_kib,
     })
-}
-
-/// Deletes every queue and exchange of `namespace` (best effort), through the first node of
-/// `amqp_url` that answers within 5 s.
-pub async fn delete_namespace(amqp_url: &str, namespace: &str) {
-    let topology = crate::bus::Topology::new(namespace, 20, 1);
-    for node in amqp_url.split(',').map(str::trim) {
-        let connect = lapin::Connection::connect(node, lapin::ConnectionProperties::default());
-        if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await {
-            if let Ok(channel) = conn.create_channel().await {
-                let _ = topology.delete(&channel).await;
-            }
-            let _ = conn.close(200, "chaos cleanup".into()).await;
-            return;
-        }
-    }
-}
-
-/// [`delete_namespace`] from synchronous code such as a `Drop`: on a thread with a runtime of
-/// its own, since the caller may be on (or dropping) an async runtime that cannot be blocked.
-pub fn delete_namespace_blocking(amqp_url: &str, namespace: &str) {
-    let (amqp_url, namespace) = (amqp_url.to_owned(), namespace.to_owned());
-    let _ = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map(|runtime| runtime.block_on(delete_namespace(&amqp_url, &namespace)))
-    })
-    .join();
 }

@@ -9,13 +9,11 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use orderflow_server::{
-    chaos::{
-        deployment::{Deployment, Instance},
-        driver::{self, Plan},
-    },
-    service::Service,
+use orderflow_lab::{
+    deployment::{Deployment, Instance},
+    driver::{self, Plan},
 };
+use orderflow_server::{bus::Topology, service::Service};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::harness::{self, Item};
@@ -269,7 +267,10 @@ async fn outage(outage: Duration, rate: f64, order_on_sqlite: bool) {
         );
     }
     deployment.stop().await.unwrap();
-    orderflow_server::chaos::delete_namespace(&harness::amqp_url(), &namespace).await;
+    Topology::for_teardown(namespace.as_str())
+        .delete_all_at(&harness::amqp_url())
+        .await
+        .expect("namespace deleted");
 }
 
 /// Every service on PostgreSQL: while it is down PlaceOrder fails (clients retry) and every

@@ -1,12 +1,9 @@
-//! The bench's own RabbitMQ housekeeping: checking the URL points at this machine, opening
-//! connections, and deleting a bench namespace's queues and exchanges when a run is over,
-//! so repeated runs leave nothing behind on the broker.
-//!
-//! The names to delete are the server's topology as mirrored here, plus whatever
-//! `rabbitmqctl` lists under the namespace's prefix: the topology grows, and the mirror
-//! would otherwise silently leave new queues behind.
+//! The bench's own AMQP plumbing: checking the URL points at this machine, opening named
+//! connections, reading queue depths, and deleting the baseline's queues and exchanges when a
+//! run is over. An orderflow namespace is deleted by the server's own topology
+//! (`Topology::delete_all`), never from a copy of its names.
 
-use std::{collections::BTreeMap, process::Stdio, str::FromStr as _, time::Duration};
+use std::{collections::BTreeMap, str::FromStr as _};
 
 use anyhow::{Context as _, Result, bail};
 use lapin::{
@@ -43,96 +40,6 @@ pub(crate) async fn connect(url: &str, name: &str) -> Result<Connection> {
     Connection::connect(url, properties)
         .await
         .with_context(|| format!("connecting to RabbitMQ for {name}"))
-}
-
-/// The queues and exchanges an orderflow-server creates for `namespace`, as declared by the
-/// server's `bus::topology` (8 work queues with their DLQs, `retry_levels` delayed-retry
-/// queue/exchange pairs per service, the events and dead-letter exchanges). Mirrored here
-/// rather than linked, so the CLI does not depend on the server crate; a name added there
-/// and not here would be left on the broker, which the bench reports (see [`delete`]).
-pub(crate) fn orderflow_names(namespace: &str, retry_levels: u32) -> (Vec<String>, Vec<String>) {
-    const WORK_QUEUES: [&str; 8] = [
-        "inventory.order-created",
-        "inventory.payment-failed",
-        "payment.inventory-reserved",
-        "order.inventory-reserved",
-        "order.inventory-rejected",
-        "order.payment-processed",
-        "order.payment-failed",
-        "order.dead-letters",
-    ];
-    let mut queues = Vec::new();
-    for work in WORK_QUEUES {
-        queues.push(format!("{namespace}.{work}"));
-        queues.push(format!("{namespace}.{work}.dlq"));
-    }
-    let mut exchanges = vec![
-        format!("{namespace}.events"),
-        format!("{namespace}.dead-letters"),
-    ];
-    for service in ["order", "inventory", "payment"] {
-        for attempt in 1..=retry_levels {
-            let name = format!("{namespace}.{service}.retry.{attempt}");
-            queues.push(name.clone());
-            exchanges.push(name);
-        }
-    }
-    (queues, exchanges)
-}
-
-/// Every queue and exchange whose name starts with `<namespace>.`, as `rabbitmqctl` lists
-/// them on this machine; `None` when it cannot be run (not installed, no permission).
-pub(crate) async fn list_namespace(
-    url: &str,
-    namespace: &str,
-) -> Option<(Vec<String>, Vec<String>)> {
-    let vhost = AMQPUri::from_str(url).ok()?.vhost;
-    let prefix = format!("{namespace}.");
-    let mut lists = Vec::new();
-    for what in ["list_queues", "list_exchanges"] {
-        let output = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::process::Command::new("rabbitmqctl")
-                .args([what, "-q", "--no-table-headers", "-p", &vhost, "name"])
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        if !output.status.success() {
-            return None;
-        }
-        let names: Vec<String> = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(str::trim)
-            .filter(|name| name.starts_with(&prefix))
-            .map(str::to_owned)
-            .collect();
-        lists.push(names);
-    }
-    let exchanges = lists.pop()?;
-    let queues = lists.pop()?;
-    Some((queues, exchanges))
-}
-
-/// `known` plus anything `rabbitmqctl` lists under the namespace, without duplicates.
-pub(crate) async fn namespace_names(
-    url: &str,
-    namespace: &str,
-    known: (Vec<String>, Vec<String>),
-) -> (Vec<String>, Vec<String>) {
-    let (mut queues, mut exchanges) = known;
-    if let Some((listed_queues, listed_exchanges)) = list_namespace(url, namespace).await {
-        queues.extend(listed_queues);
-        exchanges.extend(listed_exchanges);
-    }
-    for names in [&mut queues, &mut exchanges] {
-        names.sort();
-        names.dedup();
-    }
-    (queues, exchanges)
 }
 
 /// Ready messages in each of `queues` that has any, read with passive declares (which
@@ -219,20 +126,5 @@ mod tests {
         assert!(err.to_string().contains("10.0.0.5"), "{err}");
         assert!(check_loopback("amqp://u:p@rabbit.example:5672/%2f").is_err());
         assert!(check_loopback("not a url").is_err());
-    }
-
-    #[test]
-    fn every_orderflow_name_is_in_the_namespace() {
-        let (queues, exchanges) = orderflow_names("bench-x", 4);
-        assert_eq!(queues.len(), 16 + 12);
-        assert_eq!(exchanges.len(), 2 + 12);
-        assert!(
-            queues
-                .iter()
-                .chain(&exchanges)
-                .all(|n| n.starts_with("bench-x."))
-        );
-        assert!(queues.contains(&"bench-x.payment.retry.4".to_owned()));
-        assert!(queues.contains(&"bench-x.order.dead-letters.dlq".to_owned()));
     }
 }

@@ -1,19 +1,18 @@
-//! `orderflow bench`: in one run, measures orderflow (real server processes, driven over
+//! `orderflow-bench`: in one run, measures orderflow (real server processes, driven over
 //! gRPC) and the raw-broker ceiling (the same three hops with lapin alone) under the same
 //! load, and reports them side by side with the servers' CPU and memory.
 //!
-//! This module owns the command line and the order of events; each concern lives in a
-//! child module (`server`, `load`, `baseline`, `workload`, `procstat`, `stats`, `report`).
+//! This module owns the command line and the order of events. The servers come from
+//! [`crate::deployment`], the load from [`crate::driver`], the readings from
+//! [`crate::procstat`]; the bench's own pieces are its `catalog`, the lapin `baseline` and its
+//! `amqp` plumbing, the `stats`, the `report` and its `plot`s.
 
+mod amqp;
 mod baseline;
-mod broker;
-mod load;
+mod catalog;
 mod plot;
-mod procstat;
 mod report;
-mod server;
 mod stats;
-mod workload;
 
 use std::{
     fmt,
@@ -28,15 +27,22 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
+use orderflow_server::{bus::Topology, db::DbSync};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use self::{
     baseline::Baseline,
-    load::Driver,
     report::{Report, Run, Samples, System, Usage},
-    server::{DbSync, Deployment, Servers},
     stats::Latencies,
-    workload::{Pattern, Phase, PhaseResult},
+};
+use crate::{
+    deployment::{self, Deployment, Layout},
+    driver::{
+        Driver, Follow,
+        pattern::{Pattern, Phase, PhaseResult},
+    },
+    procstat,
 };
 
 /// How long to let the broker settle between runs (queue deletions, WAL flushes), so one
@@ -44,73 +50,76 @@ use self::{
 const SETTLE: Duration = Duration::from_secs(3);
 /// How often a long run reports progress on stderr.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// Attempts before the servers dead-letter a message: the server's default, passed
+/// explicitly so the end-of-run queue depths cover exactly the retry queues declared.
+const RETRY_MAX_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, Args)]
 #[command(
     after_help = "Starts its own orderflow-server process(es) on free 127.0.0.1 ports with a fresh \
 data directory and a throwaway broker namespace for every run, and deletes the namespace's \
-queues and exchanges afterwards; the global --addr is not used. --timeout bounds each \
-PlaceOrder call. With --json the summary (without raw samples) is printed as JSON.
+queues and exchanges afterwards. --timeout bounds each PlaceOrder call. With --json the \
+summary (without raw samples) is printed as JSON.
 
 Example:
-  cargo build --release -p orderflow-server -p orderflow-client
-  ./target/release/orderflow bench --mode all --out bench-results"
+  cargo build --release -p orderflow-server -p orderflow-lab
+  ./target/release/orderflow-bench --mode all --out bench-results"
 )]
-pub(crate) struct BenchArgs {
+pub struct BenchArgs {
     /// Which load to apply; `all` runs the three in sequence, each with fresh servers.
     #[arg(long, value_enum, default_value_t = ModeArg::All)]
-    pub(crate) mode: ModeArg,
+    pub mode: ModeArg,
 
     /// Which systems to measure.
     #[arg(long, value_enum, default_value_t = Systems::Both)]
-    pub(crate) systems: Systems,
+    pub systems: Systems,
 
     /// Orders per saturation and per rate run.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    pub(crate) orders: u64,
+    pub orders: u64,
 
     /// Orders of the serial run (one at a time).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub(crate) serial_orders: u64,
+    pub serial_orders: u64,
 
     /// Orders in flight at once in saturation mode.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=5_000))]
-    pub(crate) in_flight: u64,
+    pub in_flight: u64,
 
     /// Arrival rate of the rate mode, orders per second.
     #[arg(long, default_value_t = 1000.0, value_parser = parse_rate)]
-    pub(crate) rate: f64,
+    pub rate: f64,
 
     /// Rate mode: most orders outstanding at once; a send beyond it waits (and that wait
     /// counts in its latency). Keeps the run under the server's watch-stream limit.
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=9_000))]
-    pub(crate) max_outstanding: u64,
+    pub max_outstanding: u64,
 
     /// Orders sent before each measured run and left out of its numbers (connections,
     /// caches, the first queue pages).
     #[arg(long, default_value_t = 200)]
-    pub(crate) warmup: u64,
+    pub warmup: u64,
 
     /// Safety bound of each run: stop sending at this time, abandon what is in flight, and
     /// mark the run incomplete.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
-    pub(crate) duration_limit: Duration,
+    pub duration_limit: Duration,
 
     /// One process for all services, or one per service.
-    #[arg(long, value_enum, default_value_t = Deployment::AllInOne)]
-    pub(crate) deployment: Deployment,
+    #[arg(long, value_enum, default_value_t = Layout::AllInOne)]
+    pub deployment: Layout,
 
     /// SQLite durability of the servers.
     #[arg(long, value_enum, default_value_t = DbSync::Full)]
-    pub(crate) db_sync: DbSync,
+    pub db_sync: DbSync,
 
     /// AMQP prefetch of every consumer, orderflow's and the baseline's.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..))]
-    pub(crate) prefetch: u16,
+    pub prefetch: u16,
 
     /// The orderflow-server binary; by default the one next to this executable.
     #[arg(long)]
-    pub(crate) server_bin: Option<PathBuf>,
+    pub server_bin: Option<PathBuf>,
 
     /// RabbitMQ on this machine (other hosts are refused).
     #[arg(
@@ -119,20 +128,32 @@ pub(crate) struct BenchArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_env_values = true
     )]
-    pub(crate) amqp_url: String,
+    pub amqp_url: String,
 
     /// Write results.json, report.txt, report.md, latency.svg and memory.svg here.
     #[arg(long, value_name = "DIR")]
-    pub(crate) out: Option<PathBuf>,
+    pub out: Option<PathBuf>,
 
     /// Keep the servers' data directories (databases and logs) and print where they are.
     #[arg(long)]
-    pub(crate) keep: bool,
+    pub keep: bool,
+
+    /// Print the summary as JSON (without raw samples) instead of text.
+    #[arg(
+        long,
+        env = "ORDERFLOW_JSON",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub json: bool,
+
+    /// Deadline of each PlaceOrder call (e.g. `500ms`, `10s`).
+    #[arg(long, env = "ORDERFLOW_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub timeout: Duration,
 }
 
 /// `--mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum ModeArg {
+pub enum ModeArg {
     /// As many orders as the system takes with `--in-flight` outstanding.
     Saturation,
     /// A fixed arrival rate (`--rate`), regardless of how the system keeps up.
@@ -145,9 +166,12 @@ pub(crate) enum ModeArg {
 
 /// `--systems`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Systems {
+pub enum Systems {
+    /// orderflow, then the baseline, under each load.
     Both,
+    /// orderflow only.
     Orderflow,
+    /// The raw-RabbitMQ baseline only.
     Baseline,
 }
 
@@ -181,6 +205,16 @@ impl ModeArg {
     }
 }
 
+/// A human duration such as `10s`; zero is refused because every call would then fail.
+fn parse_timeout(raw: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(raw)
+        .map_err(|e| format!("{raw:?} is not a duration like 500ms, 10s or 1m: {e}"))?;
+    if timeout.is_zero() {
+        return Err("the timeout must be greater than zero".to_owned());
+    }
+    Ok(timeout)
+}
+
 fn parse_rate(raw: &str) -> Result<f64, String> {
     let rate: f64 = raw
         .parse()
@@ -206,13 +240,12 @@ struct Bench {
 }
 
 /// Runs the bench and prints (and with `--out`, writes) the report.
-pub(crate) async fn run(args: BenchArgs, json: bool, place_timeout: Duration) -> Result<()> {
-    broker::check_loopback(&args.amqp_url)?;
+pub async fn run(args: BenchArgs) -> Result<()> {
+    amqp::check_loopback(&args.amqp_url)?;
+    let (json, place_timeout) = (args.json, args.timeout);
     let server_bin = match &args.server_bin {
         Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("locating this executable")?
-            .with_file_name("orderflow-server"),
+        None => deployment::default_server_bin()?,
     };
     if args.systems != Systems::Baseline && !server_bin.is_file() {
         bail!(
@@ -226,7 +259,7 @@ pub(crate) async fn run(args: BenchArgs, json: bool, place_timeout: Duration) ->
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating {}", work_dir.display()))?;
     let catalog = work_dir.join("catalog.json");
-    std::fs::write(&catalog, load::catalog_json()).context("writing the bench catalog")?;
+    std::fs::write(&catalog, catalog::catalog_json()).context("writing the bench catalog")?;
 
     let bench = Bench {
         server_bin,
@@ -346,63 +379,64 @@ impl Bench {
     async fn run_orderflow(&self, mode: Mode) -> Result<Run> {
         let namespace = self.namespace(mode, System::Orderflow);
         eprintln!("{mode} / orderflow: starting the server ({namespace})");
-        let spec = server::Spec {
-            bin: self.server_bin.clone(),
-            deployment: self.args.deployment,
-            amqp_url: self.args.amqp_url.clone(),
+        let settings = deployment::Settings {
+            server_bin: self.server_bin.clone(),
             namespace: namespace.clone(),
             data_dir: self.work_dir.join(format!("{mode}-orderflow")),
-            catalog: self.catalog.clone(),
-            db_sync: self.args.db_sync,
-            prefetch: self.args.prefetch,
-            payment_limit_cents: i64::MAX / 2,
+            database_url: None,
+            sqlite_services: Vec::new(),
+            amqp_url: self.args.amqp_url.clone(),
+            layout: self.args.deployment,
+            instances: 1,
+            args: [
+                "--catalog",
+                &self.catalog.display().to_string(),
+                // Above any order's total, so Payment never declines.
+                "--payment-limit-cents",
+                &(i64::MAX / 2).to_string(),
+                "--prefetch",
+                &self.args.prefetch.to_string(),
+                "--db-sync",
+                &report::db_sync_arg(self.args.db_sync),
+                "--retry-max-attempts",
+                &RETRY_MAX_ATTEMPTS.to_string(),
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            // Per-message INFO lines would cost the server more than some of the work measured.
+            env: vec![("RUST_LOG".to_owned(), "warn,lapin=off".to_owned())],
         };
-        let (queues, exchanges) =
-            broker::orderflow_names(&namespace, server::RETRY_MAX_ATTEMPTS - 1);
-        let mut servers = match Servers::start(&spec).await {
+        let topology = Topology::for_teardown(namespace.as_str());
+        let mut servers = match Deployment::start(settings).await {
             Ok(servers) => servers,
             Err(error) => {
                 // A server may have declared the topology before failing.
-                let (queues, exchanges) =
-                    broker::namespace_names(&self.args.amqp_url, &namespace, (queues, exchanges))
-                        .await;
-                let _ = broker::delete(&self.args.amqp_url, &queues, &exchanges).await;
+                let _ = topology.delete_all_at(&self.args.amqp_url).await;
                 return Err(error);
             }
         };
         let pids: Vec<(String, u32)> = servers
-            .processes()
-            .iter()
-            .map(|p| (p.name.clone(), p.pid))
+            .instances()
+            .into_iter()
+            .filter_map(|i| Some((servers.process_name(i), servers.pid(i)?)))
             .collect();
         let measured = interruptible(self.measure_orderflow(mode, &servers, &pids)).await;
         let crash = servers.crashed();
         let logs: Vec<(String, PathBuf)> = servers
-            .processes()
-            .iter()
-            .map(|p| (p.name.clone(), p.log.clone()))
+            .instances()
+            .into_iter()
+            .map(|i| (servers.process_name(i), servers.log_path(i)))
             .collect();
-        let exits = servers.stop().await;
-        let (queues, exchanges) =
-            broker::namespace_names(&self.args.amqp_url, &namespace, (queues, exchanges)).await;
-        let leftover = broker::delete(&self.args.amqp_url, &queues, &exchanges).await;
-        if let Some((queues, exchanges)) =
-            broker::list_namespace(&self.args.amqp_url, &namespace).await
-            && !(queues.is_empty() && exchanges.is_empty())
-        {
-            eprintln!(
-                "warning: left on the broker after clean-up: {}",
-                [queues, exchanges].concat().join(", ")
-            );
-        }
+        let exits = servers.stop_all().await;
+        let leftover = topology.delete_all_at(&self.args.amqp_url).await;
         let (result, usage) = measured.with_context(|| {
             let tails: Vec<String> = logs
                 .iter()
-                .map(|(name, log)| format!("{name} log ends with:\n{}", server::log_tail(log)))
+                .map(|(name, log)| format!("{name} log ends with:\n{}", deployment::log_tail(log)))
                 .collect();
             format!("the orderflow run failed\n{}\n", tails.join("\n"))
         })?;
-        let warnings = server::warning_lines(&logs);
+        let warnings = deployment::warning_lines(&logs);
         let mut run = self.record(mode, System::Orderflow, result, usage);
         run.server_exits = exits;
         run.server_warning_count = warnings.len();
@@ -421,31 +455,52 @@ impl Bench {
     async fn measure_orderflow(
         &self,
         mode: Mode,
-        servers: &Servers,
+        servers: &Deployment,
         pids: &[(String, u32)],
     ) -> Result<(PhaseResult, Measured)> {
-        let addr = servers.order_addr().context("no order service process")?;
         let concurrency = match self.phase(mode).pattern {
             Pattern::Closed { in_flight } => in_flight,
             Pattern::Open {
                 max_outstanding, ..
             } => max_outstanding,
         };
-        let driver = Driver::connect(addr, concurrency, self.place_timeout).await?;
+        let driver =
+            Driver::connect(&servers.order_addrs(), concurrency, self.place_timeout).await?;
+        let (never, follow) = (CancellationToken::new(), Follow::ToTerminal);
         if self.args.warmup > 0 {
-            let warm = driver.run(self.warmup(mode), 0, Arc::default()).await;
+            let warm = driver
+                .run(
+                    self.warmup(mode),
+                    0,
+                    Arc::default(),
+                    &never,
+                    follow,
+                    catalog::order,
+                )
+                .await;
             check_warmup(&warm)?;
         }
         let phase = self.phase(mode);
         let done = Arc::new(AtomicU64::new(0));
         let watch = self.watch(mode, System::Orderflow, pids, phase.orders, done.clone());
-        let result = driver.run(phase, self.args.warmup, done).await;
+        let result = driver
+            .run(
+                phase,
+                self.args.warmup,
+                done,
+                &never,
+                follow,
+                catalog::order,
+            )
+            .await;
         let mut measured = watch.finish().await;
-        let (queues, _) = broker::orderflow_names(
-            &self.namespace(mode, System::Orderflow),
-            server::RETRY_MAX_ATTEMPTS - 1,
+        let topology = Topology::new(
+            self.namespace(mode, System::Orderflow),
+            RETRY_MAX_ATTEMPTS - 1,
+            1,
         );
-        measured.backlog = broker::depths(&self.args.amqp_url, &queues)
+        let queues: Vec<String> = topology.spec().queues.into_iter().map(|q| q.name).collect();
+        measured.backlog = amqp::depths(&self.args.amqp_url, &queues)
             .await
             .unwrap_or_default();
         Ok((result, measured))
@@ -460,7 +515,7 @@ impl Bench {
                 Ok(baseline) => baseline,
                 Err(error) => {
                     let (queues, exchanges) = baseline::names(&namespace);
-                    let _ = broker::delete(&self.args.amqp_url, &queues, &exchanges).await;
+                    let _ = amqp::delete(&self.args.amqp_url, &queues, &exchanges).await;
                     return Err(error);
                 }
             };
@@ -475,7 +530,7 @@ impl Bench {
             let result = baseline.run(phase, self.args.warmup, done).await;
             let mut measured = watch.finish().await;
             let (queues, _) = baseline::names(&namespace);
-            measured.backlog = broker::depths(&self.args.amqp_url, &queues)
+            measured.backlog = amqp::depths(&self.args.amqp_url, &queues)
                 .await
                 .unwrap_or_default();
             Ok((result, measured))

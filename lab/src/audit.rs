@@ -6,8 +6,8 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use sqlx::AnyPool;
 
-use crate::{
-    db::{Database, DbSync, Location},
+use orderflow_server::{
+    db::{self, Database, DbSync, Location},
     service::Service,
 };
 
@@ -70,7 +70,7 @@ impl State {
             State::Files(dir) => Location::File(dir),
             State::Postgres { url, namespace } => Location::Postgres {
                 url,
-                schema: crate::db::schema_name(namespace, service),
+                schema: db::schema_name(namespace, service),
             },
         };
         let database = Database::open(&location, DbSync::Normal, service).await?;
