@@ -20,6 +20,14 @@ pub(crate) use crate::broker::amqp_url;
 /// A catalog entry: SKU, price in cents, stock.
 pub(crate) type Item = (&'static str, i64, i64);
 
+/// Deletes every queue and exchange of `namespace` once a test is done with it.
+pub(crate) async fn teardown(namespace: &str) {
+    orderflow_server::bus::Topology::for_teardown(namespace)
+        .delete_all_at(&amqp_url())
+        .await
+        .expect("namespace deleted");
+}
+
 /// Writes `items` as the catalog file the processes load.
 pub(crate) fn write_catalog(dir: &Path, items: &[Item]) -> String {
     let catalog: Vec<serde_json::Value> = items

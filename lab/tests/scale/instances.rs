@@ -15,7 +15,7 @@ use orderflow_lab::{
 use orderflow_proto::orderflow::v1::{
     self as pb, OrderStatus, order_service_client::OrderServiceClient,
 };
-use orderflow_server::{bus::Topology, service::Service};
+use orderflow_server::service::Service;
 use tonic::transport::Channel;
 
 use crate::{
@@ -198,10 +198,7 @@ async fn two_instances_of_each_service_finish_2000_orders_and_publish_each_event
         );
     }
     deployment.stop().await.unwrap();
-    Topology::for_teardown(namespace.as_str())
-        .delete_all_at(&harness::amqp_url())
-        .await
-        .expect("namespace deleted");
+    harness::teardown(&namespace).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,8 +241,5 @@ async fn a_hot_sku_with_stock_n_sells_exactly_n_across_instances() {
     .unwrap();
     assert_eq!(available, 0);
     deployment.stop().await.unwrap();
-    Topology::for_teardown(namespace.as_str())
-        .delete_all_at(&harness::amqp_url())
-        .await
-        .expect("namespace deleted");
+    harness::teardown(&namespace).await;
 }

@@ -13,7 +13,7 @@ use orderflow_lab::{
     deployment::{Deployment, Instance},
     driver::{self, Plan},
 };
-use orderflow_server::{bus::Topology, service::Service};
+use orderflow_server::service::Service;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::harness::{self, Item};
@@ -267,10 +267,7 @@ async fn outage(outage: Duration, rate: f64, order_on_sqlite: bool) {
         );
     }
     deployment.stop().await.unwrap();
-    Topology::for_teardown(namespace.as_str())
-        .delete_all_at(&harness::amqp_url())
-        .await
-        .expect("namespace deleted");
+    harness::teardown(&namespace).await;
 }
 
 /// Every service on PostgreSQL: while it is down PlaceOrder fails (clients retry) and every

@@ -7,7 +7,7 @@ use orderflow_lab::deployment::Deployment;
 use orderflow_proto::orderflow::v1::{
     self as pb, OrderStatus, order_service_client::OrderServiceClient,
 };
-use orderflow_server::{bus::Topology, service::Service};
+use orderflow_server::service::Service;
 use sqlx::{Connection as _, PgConnection};
 use tonic::transport::Channel;
 
@@ -148,8 +148,5 @@ async fn the_saga_runs_on_postgresql_and_survives_restarts() {
         ]
     );
     deployment.stop().await.unwrap();
-    Topology::for_teardown(namespace.as_str())
-        .delete_all_at(&harness::amqp_url())
-        .await
-        .expect("namespace deleted");
+    harness::teardown(&namespace).await;
 }
