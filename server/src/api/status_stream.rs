@@ -85,8 +85,20 @@ struct Follow {
 
 impl Follow {
     async fn run(mut self, _permit: OwnedSemaphorePermit) {
+        // The first read goes to the database; after a bell, the changes it carries are used
+        // when they reach the newest version with no gap.
+        let mut woken = false;
         loop {
-            let changes = match self.read().await {
+            let held = if woken {
+                self.subscription.changes_after(self.after)
+            } else {
+                None
+            };
+            let read = match held {
+                Some(changes) => Ok(changes),
+                None => self.read().await,
+            };
+            let changes = match read {
                 Ok(changes) => changes,
                 Err(error) => {
                     warn!(order.id = %self.order_id, error = %error, "Watch stream failed reading history.");
@@ -114,8 +126,9 @@ impl Follow {
                     return;
                 }
             }
+            woken = false;
             tokio::select! {
-                _ = self.subscription.changed() => {}
+                _ = self.subscription.changed() => woken = true,
                 _ = tokio::time::sleep(RECHECK) => {}
                 _ = self.tx.closed() => return,
                 _ = self.shutdown.cancelled() => {

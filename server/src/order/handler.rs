@@ -239,9 +239,10 @@ async fn apply(
     } else {
         String::new()
     };
-    let version = store::record(cx.conn(), &order, &statuses, reason)
+    let changes = store::record(cx.conn(), &order, &statuses, reason)
         .await
         .map_err(HandleError::transient)?;
+    let version = changes.last().map_or(order.version, |c| c.version);
     info!(
         target: "orderflow::message",
         service = "order-service",
@@ -259,7 +260,7 @@ async fn apply(
             .max(0) as u64,
     );
     cx.after_commit(move || {
-        hub.notify(&order_id, version);
+        hub.notify_changes(&order_id, &changes);
         if let Some(outcome) = outcome_label(last) {
             metrics.order_finished(outcome, saga);
         }

@@ -280,15 +280,16 @@ pub async fn list(
 }
 
 /// Writes the order's new state and appends one history row per status in `statuses`.
-/// Returns the final version.
+/// Returns the rows appended, oldest first.
 pub async fn record(
     conn: &mut AnyConnection,
     order: &Order,
     statuses: &[Status],
     reason: &str,
-) -> sqlx::Result<u64> {
+) -> sqlx::Result<Vec<Change>> {
     let now = time::now_micros();
     let mut version = order.version;
+    let mut changes = Vec::with_capacity(statuses.len());
     for status in statuses {
         version += 1;
         let reason = if status.is_terminal() && *status != Status::Completed {
@@ -297,6 +298,12 @@ pub async fn record(
             ""
         };
         insert_change(conn, &order.order_id, version, *status, reason, now).await?;
+        changes.push(Change {
+            version,
+            status: *status,
+            reason: reason.to_owned(),
+            at: now,
+        });
     }
     let items = serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
     let status = statuses.last().copied().unwrap_or(order.status);
@@ -316,7 +323,7 @@ pub async fn record(
     .bind(&order.order_id)
     .execute(conn)
     .await?;
-    Ok(version)
+    Ok(changes)
 }
 
 /// Whether the order's history contains `status`.

@@ -1,7 +1,8 @@
-//! Wake-ups for `WatchOrder` streams. The database is the truth; the hub only says "order X
-//! may have changed, look again". Changes committed in this process ring the bell right after
-//! commit; changes committed by another process sharing the database are picked up by
-//! [`Hub::follow`], which tails the global `order_history.seq`.
+//! Wake-ups for `WatchOrder` streams. The database is the truth; the hub says "order X may have
+//! changed". Changes committed in this process ring the bell right after commit and carry the
+//! history rows just written, so a stream sends them without reading them back; changes
+//! committed by another process sharing the database are picked up by [`Hub::follow`], which
+//! tails the global `order_history.seq`, and a stream reads those from the database.
 //!
 //! Watchers register before they first read, so no change can fall between read and wait.
 
@@ -15,7 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::store;
+use super::{Change, store};
 use crate::db::{Backend, Database};
 
 /// How often changes made by other processes are looked for.
@@ -32,16 +33,27 @@ pub struct Hub {
 
 #[derive(Debug)]
 struct Watched {
-    bell: watch::Sender<u64>,
+    bell: watch::Sender<Rung>,
     watchers: usize,
 }
+
+/// What the bell last said: the newest version heard of, and the latest history rows committed
+/// in this process, oldest first, when they are known (empty otherwise).
+#[derive(Debug, Clone, Default)]
+struct Rung {
+    version: u64,
+    recent: Vec<Change>,
+}
+
+/// Committed rows kept per watched order: a saga writes at most three at a time.
+const RECENT: usize = 8;
 
 /// One watcher's registration; unregisters on drop.
 #[derive(Debug)]
 pub struct Subscription {
     hub: Hub,
     order_id: String,
-    bell: watch::Receiver<u64>,
+    bell: watch::Receiver<Rung>,
 }
 
 impl Subscription {
@@ -49,6 +61,18 @@ impl Subscription {
     pub async fn changed(&mut self) {
         // The sender lives as long as any subscription to this order, including this one.
         let _ = self.bell.changed().await;
+    }
+
+    /// Every change after version `after`, if this process committed them all and still holds
+    /// them; `None` means "read the database".
+    pub fn changes_after(&self, after: u64) -> Option<Vec<Change>> {
+        let rung = self.bell.borrow();
+        if rung.version <= after {
+            return Some(Vec::new());
+        }
+        let first = rung.recent.iter().position(|c| c.version == after + 1)?;
+        let changes = rung.recent[first..].to_vec();
+        (changes.last().map(|c| c.version) == Some(rung.version)).then_some(changes)
     }
 }
 
@@ -71,7 +95,7 @@ impl Hub {
         let entry = watched
             .entry(order_id.to_owned())
             .or_insert_with(|| Watched {
-                bell: watch::Sender::new(0),
+                bell: watch::Sender::new(Rung::default()),
                 watchers: 0,
             });
         entry.watchers += 1;
@@ -87,12 +111,36 @@ impl Hub {
     /// Rings for `order_id`, which reached `version`, unless it already rang for that version
     /// (changes are heard both from this process and from the database).
     pub fn notify(&self, order_id: &str, version: u64) {
+        self.ring(order_id, version, &[]);
+    }
+
+    /// Rings for `order_id` with the history rows this process just committed.
+    pub fn notify_changes(&self, order_id: &str, changes: &[Change]) {
+        if let Some(last) = changes.last() {
+            self.ring(order_id, last.version, changes);
+        }
+    }
+
+    fn ring(&self, order_id: &str, version: u64, changes: &[Change]) {
         let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = watched.get(order_id) {
             entry.bell.send_if_modified(|rung| {
-                let newer = version > *rung;
-                *rung = (*rung).max(version);
-                newer
+                if version <= rung.version {
+                    return false;
+                }
+                // Held rows always lead up to the rung version; a gap (another process's
+                // change, heard by version only) means they no longer do.
+                if changes
+                    .first()
+                    .is_none_or(|c| c.version != rung.version + 1)
+                {
+                    rung.recent.clear();
+                }
+                rung.recent.extend_from_slice(changes);
+                let excess = rung.recent.len().saturating_sub(RECENT);
+                rung.recent.drain(..excess);
+                rung.version = version;
+                true
             });
         }
     }
@@ -170,6 +218,42 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), a.changed())
             .await
             .unwrap();
+    }
+
+    fn change(version: u64) -> Change {
+        Change {
+            version,
+            status: crate::order::Status::Pending,
+            reason: String::new(),
+            at: 0,
+        }
+    }
+
+    #[test]
+    fn committed_changes_are_held_until_a_gap() {
+        let hub = Hub::default();
+        let a = hub.subscribe("a");
+        assert_eq!(a.changes_after(0), Some(vec![]));
+        hub.notify("a", 1);
+        assert_eq!(a.changes_after(0), None, "version 1 was only heard of");
+        hub.notify_changes("a", &[change(2)]);
+        hub.notify_changes("a", &[change(3), change(4)]);
+        assert_eq!(
+            a.changes_after(1),
+            Some(vec![change(2), change(3), change(4)])
+        );
+        assert_eq!(a.changes_after(3), Some(vec![change(4)]));
+        assert_eq!(a.changes_after(4), Some(vec![]));
+        assert_eq!(a.changes_after(0), None, "version 1 is not held");
+        // Another process's change: only its version is known.
+        hub.notify("a", 5);
+        assert_eq!(a.changes_after(4), None);
+        hub.notify_changes("a", &[change(6)]);
+        assert_eq!(a.changes_after(5), Some(vec![change(6)]));
+        assert_eq!(a.changes_after(4), None);
+        // An old ring changes nothing.
+        hub.notify_changes("a", &[change(3)]);
+        assert_eq!(a.changes_after(5), Some(vec![change(6)]));
     }
 
     #[test]
