@@ -162,8 +162,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<Report> {
             let at = started.elapsed();
             let what =
                 faults::inject(fault, &mut deployment, &namespace, &settings.rabbitmqctl).await?;
-            tracing::info!(fault = %fault, what = %what, "Injected a fault.");
-            injected.push((at, format!("{fault}: {what}")));
+            // How long injecting and recovering took, so a run with fewer faults than its
+            // schedule allowed explains itself.
+            let took = started.elapsed().saturating_sub(at);
+            tracing::info!(fault = %fault, what = %what, took = ?took, "Injected a fault.");
+            injected.push((
+                at,
+                format!("{fault}: {what} (took {:.1} s)", took.as_secs_f64()),
+            ));
         }
     }
     .await;

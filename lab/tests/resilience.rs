@@ -119,7 +119,9 @@ async fn connections_closed_by_the_broker_lose_nothing() {
     let _turn = SERIAL.lock().await;
     let report = chaos_run(
         vec![Fault::CloseConnections],
-        Duration::from_secs(15),
+        // Room for at least two faults even when the broker's CLI is slow to start on a busy
+        // machine (each injection runs `rabbitmqctl eval`).
+        Duration::from_secs(20),
         (Duration::from_secs(2), Duration::from_secs(4)),
         plan(40.0, 32, 100_000),
     )
