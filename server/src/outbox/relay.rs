@@ -134,24 +134,34 @@ impl Relay {
         let mut failures = 0u32;
         let mut next_due: Option<Instant> = None;
         loop {
+            let mut took_some = false;
             let failure = match self.round().await {
                 Ok(round) => {
+                    took_some = round.claimed > 0;
                     next_due = soonest(next_due, round.next_due);
                     match round.outage {
                         // Nothing got through: the broker is away, not one row at fault.
                         Some(outage) if round.settled == 0 => Some(anyhow::Error::from(outage)),
-                        _ if round.claimed > 0 => {
+                        // A full batch: more may be due right now.
+                        _ if round.claimed >= BATCH as usize => {
                             failures = 0;
                             continue;
                         }
+                        // Everything due was taken. What was committed since has woken the
+                        // outbox (a wake with nobody waiting is kept), so wait for that rather
+                        // than look again at a table that is most likely empty.
                         _ => None,
                     }
                 }
                 Err(error) => Some(error),
             };
             let Some(error) = failure else {
-                // Nothing due.
+                // Nothing more due.
                 if stop.is_cancelled() {
+                    // Draining: look until a round finds nothing, as nothing wakes us now.
+                    if took_some {
+                        continue;
+                    }
                     break;
                 }
                 failures = 0;
