@@ -5,7 +5,7 @@
 //! table in the same transaction as its effects, so a redelivery is recognised and acknowledged
 //! without applying anything twice; the outcome it published then is still in the outbox.
 
-use std::{future::Future, sync::Arc};
+use std::{collections::HashSet, future::Future, sync::Arc};
 
 use backon::ExponentialBuilder;
 use sqlx::AnyConnection;
@@ -17,7 +17,7 @@ use crate::{
     bus::{Event, HandleError, Incoming, Processor, nth_delay, propagation},
     db::{self, Database, Tx},
     fault::Faults,
-    outbox::Outbox,
+    outbox::{self, Outbox, Staged},
     time,
 };
 
@@ -26,8 +26,7 @@ pub struct Context<'a> {
     conn: &'a mut AnyConnection,
     db: &'a Database,
     serialized: &'a mut Vec<&'static str>,
-    outbox: &'a Outbox,
-    staged: usize,
+    staged: &'a mut Vec<Staged>,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
 }
 
@@ -56,15 +55,13 @@ impl Context<'_> {
         Ok(())
     }
 
-    /// Stages `event` for publishing once the transaction commits.
-    pub async fn publish<E: Event>(&mut self, event: &E) -> Result<String, HandleError> {
-        let id = self
-            .outbox
-            .stage(self.conn, event)
-            .await
-            .map_err(HandleError::transient)?;
-        self.staged += 1;
-        Ok(id)
+    /// Stages `event` for publishing once the transaction commits; returns its message id.
+    /// The batch writes every staged event to the outbox in one statement before it commits.
+    pub fn publish<E: Event>(&mut self, event: &E) -> String {
+        let row = Staged::new(event, &tracing::Span::current().context());
+        let id = row.message_id().to_owned();
+        self.staged.push(row);
+        id
     }
 
     /// Runs `f` after the transaction committed (never if it rolls back).
@@ -76,7 +73,7 @@ impl Context<'_> {
 impl std::fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("staged", &self.staged)
+            .field("staged", &self.staged.len())
             .field("after_commit", &self.after_commit.len())
             .finish_non_exhaustive()
     }
@@ -148,32 +145,67 @@ impl<H: Handler> Inbox<H> {
     /// Applies a batch in one transaction. A message whose handler fails may have written
     /// part of its effects, so the transaction is rolled back and the batch applied again
     /// without it: cheaper than a savepoint around every message, as failures are rare.
+    ///
+    /// The batch's inbox records go in with one statement, and the events its handlers staged
+    /// with another, just before the commit: every statement is a round trip to the database's
+    /// connection thread, and those round trips, not the SQL, are what a batch costs.
     async fn process_batch(
         &self,
         batch: &[Incoming],
     ) -> anyhow::Result<Vec<Result<(), HandleError>>> {
-        let mut failed: Vec<Option<HandleError>> = batch.iter().map(|_| None).collect();
+        let keys: Vec<Option<String>> = batch.iter().map(|m| (self.dedup_key)(m)).collect();
+        let mut failed: Vec<Option<HandleError>> = keys
+            .iter()
+            .map(|key| {
+                key.is_none().then(|| {
+                    HandleError::permanent(anyhow::anyhow!(
+                        "message has no message_id, so it cannot be processed exactly once"
+                    ))
+                })
+            })
+            .collect();
         let mut conflicts = 0;
         'attempt: loop {
             let mut tx = self.db.begin().await?;
             let mut after_commit = Vec::new();
-            let mut staged = 0;
+            let mut staged = Vec::new();
             let mut serialized = Vec::new();
-            for (message, failure) in batch.iter().zip(failed.iter_mut()) {
-                if failure.is_some() {
+            let pending = keys
+                .iter()
+                .zip(&failed)
+                .filter_map(|(key, failure)| key.as_deref().filter(|_| failure.is_none()));
+            let new = match self.record(&mut tx, pending).await {
+                Ok(new) => new,
+                Err(error) => {
+                    let _ = tx.rollback().await;
+                    if db::is_conflict(&error) && conflicts < MAX_CONFLICT_RETRIES {
+                        conflicts += 1;
+                        conflict_pause(conflicts).await;
+                        continue 'attempt;
+                    }
+                    return Err(error.into());
+                }
+            };
+            let mut seen = HashSet::new();
+            for ((message, key), failure) in batch.iter().zip(&keys).zip(failed.iter_mut()) {
+                let Some(key) = key.as_deref().filter(|_| failure.is_none()) else {
+                    continue;
+                };
+                // Recorded before (a redelivery), or twice in this batch (a republished copy).
+                if !new.contains(key) || !seen.insert(key) {
+                    tracing::debug!(message.id = %key, "Duplicate delivery; effects already committed.");
                     continue;
                 }
                 let span = process_span(message, &self.queue, self.outbox.service().service_name());
-                match self
-                    .apply(&mut tx, &mut serialized, message)
-                    .instrument(span.clone())
-                    .await
-                {
-                    Ok(Some((n, callbacks))) => {
-                        staged += n;
-                        after_commit.extend(callbacks);
-                    }
-                    Ok(None) => {}
+                let mut cx = Context {
+                    conn: &mut tx,
+                    db: &self.db,
+                    serialized: &mut serialized,
+                    staged: &mut staged,
+                    after_commit: Vec::new(),
+                };
+                match self.apply(&mut cx, message).instrument(span.clone()).await {
+                    Ok(()) => after_commit.extend(cx.after_commit),
                     Err(error) if is_unavailable(&error) => {
                         // The database went away mid-batch: not this message's fault.
                         let _ = tx.rollback().await;
@@ -194,7 +226,15 @@ impl<H: Handler> Inbox<H> {
                     }
                 }
             }
-            if let Err(error) = tx.commit().await {
+            let written = outbox::write(&mut tx, &staged).await;
+            let committed = match written {
+                Ok(()) => tx.commit().await,
+                Err(error) => {
+                    let _ = tx.rollback().await;
+                    Err(error)
+                }
+            };
+            if let Err(error) = committed {
                 if db::is_conflict(&error) && conflicts < MAX_CONFLICT_RETRIES {
                     conflicts += 1;
                     conflict_pause(conflicts).await;
@@ -206,7 +246,7 @@ impl<H: Handler> Inbox<H> {
                 tracing::error!("Injected fault: aborting after commit, before publishing.");
                 std::process::abort();
             }
-            if staged > 0 {
+            if !staged.is_empty() {
                 self.outbox.wake();
             }
             for callback in after_commit {
@@ -216,49 +256,53 @@ impl<H: Handler> Inbox<H> {
         }
     }
 
-    /// One message's effects: its inbox record and whatever its handler does. `None` for a
-    /// duplicate (nothing to do); otherwise the events staged and the after-commit callbacks.
-    async fn apply(
+    /// Records `keys` in the inbox; returns those that were not there yet. Keys already
+    /// recorded belong to deliveries whose effects are committed.
+    async fn record<'k>(
         &self,
         tx: &mut Tx,
-        serialized: &mut Vec<&'static str>,
-        message: &Incoming,
-    ) -> Result<Option<Applied>, HandleError> {
-        let Some(key) = (self.dedup_key)(message) else {
-            return Err(HandleError::permanent(anyhow::anyhow!(
-                "message has no message_id, so it cannot be processed exactly once"
-            )));
-        };
-        let first_time = sqlx::query(
-            "INSERT INTO inbox (queue, message_id, processed_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        )
-        .bind(&self.queue)
-        .bind(&key)
-        .bind(time::now_micros())
-        .execute(&mut **tx)
-        .await
-        .map_err(HandleError::transient)?
-        .rows_affected()
-            == 1;
-        if !first_time {
-            tracing::debug!(message.id = %key, "Duplicate delivery; effects already committed.");
-            return Ok(None);
+        keys: impl Iterator<Item = &'k str>,
+    ) -> sqlx::Result<HashSet<String>> {
+        let keys: Vec<&str> = keys.collect();
+        let now = time::now_micros();
+        let mut new = HashSet::with_capacity(keys.len());
+        for chunk in keys.chunks(KEYS_PER_INSERT) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                .collect();
+            let sql = format!(
+                "INSERT INTO inbox (queue, message_id, processed_at) VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
+                values.join(", ")
+            );
+            // One statement text per batch size: not worth a prepared-statement cache entry
+            // on every connection.
+            let mut query =
+                sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
+            for key in chunk {
+                query = query.bind(&self.queue).bind(*key).bind(now);
+            }
+            new.extend(
+                query
+                    .fetch_all(&mut **tx)
+                    .await?
+                    .into_iter()
+                    .map(|(key,)| key),
+            );
         }
-        let mut cx = Context {
-            conn: tx,
-            db: &self.db,
-            serialized,
-            outbox: &self.outbox,
-            staged: 0,
-            after_commit: Vec::new(),
-        };
+        Ok(new)
+    }
+
+    /// One new message's effects, through its handler.
+    async fn apply(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
         // Injected faults act here, where a real handler failure would surface, so no domain
         // handler carries test code.
         self.faults.inject(message)?;
-        self.handler.handle(&mut cx, message).await?;
-        Ok(Some((cx.staged, cx.after_commit)))
+        self.handler.handle(cx, message).await
     }
 }
+
+/// Inbox records per INSERT: three parameters each stays under SQLite's oldest limit of 999.
+const KEYS_PER_INSERT: usize = 300;
 
 /// Times a batch is run again after losing a conflict with another instance's transaction,
 /// before its deliveries go the usual retry way.
@@ -299,9 +343,6 @@ fn is_conflict(error: &HandleError) -> bool {
         HandleError::Permanent(_) => false,
     }
 }
-
-/// What applying one message left to do after commit: events staged, callbacks to run.
-type Applied = (usize, Vec<Box<dyn FnOnce() + Send>>);
 
 impl<H: Handler> Processor for Inbox<H> {
     /// While the database cannot be reached, the batch is held (unacknowledged) and tried again

@@ -90,22 +90,9 @@ impl Outbox {
         event: &E,
         trace: &opentelemetry::Context,
     ) -> sqlx::Result<String> {
-        let message_id = uuid::Uuid::now_v7().to_string();
-        let trace = propagation::to_map(trace);
-        let trace = serde_json::to_string(&trace).unwrap_or_else(|_| "{}".to_owned());
-        sqlx::query(
-            "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&message_id)
-        .bind(E::ROUTING_KEY)
-        .bind(E::full_name())
-        .bind(event.order_id())
-        .bind(event.encode_to_vec())
-        .bind(trace)
-        .bind(time::now_micros())
-        .execute(conn)
-        .await?;
+        let row = Staged::new(event, trace);
+        let message_id = row.message_id.clone();
+        write(conn, &[row]).await?;
         Ok(message_id)
     }
 
@@ -144,6 +131,85 @@ impl Outbox {
     async fn woken(&self) {
         self.inner.wake.notified().await;
     }
+}
+
+/// An event ready to be written to the outbox, with its trace context: what a batch of
+/// deliveries collects while its handlers run, to write in one statement before it commits.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    message_id: String,
+    routing_key: &'static str,
+    message_type: String,
+    correlation_id: String,
+    body: Vec<u8>,
+    trace: String,
+    created_at: i64,
+}
+
+impl Staged {
+    /// `event`, with a new message id and `trace` as the context its publish continues.
+    pub fn new<E: Event>(event: &E, trace: &opentelemetry::Context) -> Self {
+        let trace =
+            serde_json::to_string(&propagation::to_map(trace)).unwrap_or_else(|_| "{}".to_owned());
+        Staged {
+            message_id: uuid::Uuid::now_v7().to_string(),
+            routing_key: E::ROUTING_KEY,
+            message_type: E::full_name(),
+            correlation_id: event.order_id().to_owned(),
+            body: event.encode_to_vec(),
+            trace,
+            created_at: time::now_micros(),
+        }
+    }
+
+    /// The message id it will be published with.
+    pub fn message_id(&self) -> &str {
+        &self.message_id
+    }
+}
+
+/// Rows per INSERT: seven parameters each stays under SQLite's oldest limit of 999.
+const ROWS_PER_INSERT: usize = 128;
+
+/// Writes `rows` in the caller's transaction, in order, a few statements for any number of rows:
+/// each statement is a round trip to the database's connection thread.
+pub async fn write(conn: &mut AnyConnection, rows: &[Staged]) -> sqlx::Result<()> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let p = i * 7;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6,
+                    p + 7
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at) VALUES {}",
+            values.join(", ")
+        );
+        // One statement text per row count: not worth a prepared-statement cache entry on
+        // every connection.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for row in chunk {
+            query = query
+                .bind(&row.message_id)
+                .bind(row.routing_key)
+                .bind(&row.message_type)
+                .bind(&row.correlation_id)
+                .bind(&row.body)
+                .bind(&row.trace)
+                .bind(row.created_at);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// Outbox rows not yet published, read at scrape time.

@@ -46,8 +46,7 @@ async fn reserve(cx: &mut Context<'_>, event: &pb::OrderCreated) -> Result<(), H
                 total_cents,
                 customer_id: event.customer_id.clone(),
                 reserved_at: Some(time::now_timestamp()),
-            })
-            .await?;
+            });
         }
         Decision::Rejected {
             reason,
@@ -60,8 +59,7 @@ async fn reserve(cx: &mut Context<'_>, event: &pb::OrderCreated) -> Result<(), H
                 shortfalls,
                 detail,
                 rejected_at: Some(time::now_timestamp()),
-            })
-            .await?;
+            });
         }
         Decision::AlreadyDecided => {
             debug!(order.id = %event.order_id, "Order already decided; its outcome is in the outbox.");
@@ -83,8 +81,7 @@ async fn release(cx: &mut Context<'_>, event: &pb::PaymentFailed) -> Result<(), 
             items: lines.into_iter().map(Into::into).collect(),
             reason: format!("payment failed: {}", event.detail),
             released_at: Some(time::now_timestamp()),
-        })
-        .await?;
+        });
     }
     Ok(())
 }

@@ -73,8 +73,7 @@ impl Handler for PaymentHandler {
                     amount_cents: event.total_cents,
                     processed_at: Some(time::now_timestamp()),
                     items: event.items.clone(),
-                })
-                .await?;
+                });
             }
             Charge::Declined(detail) => {
                 cx.publish(&pb::PaymentFailed {
@@ -84,8 +83,7 @@ impl Handler for PaymentHandler {
                     detail,
                     failed_at: Some(time::now_timestamp()),
                     items: event.items.clone(),
-                })
-                .await?;
+                });
             }
         }
         Ok(())
