@@ -149,7 +149,12 @@ impl Tap {
     /// Everything tapped so far; waits `quiet` for stragglers first.
     pub(crate) async fn finish(self, quiet: Duration) -> Vec<Tapped> {
         tokio::time::sleep(quiet).await;
-        let _ = self.connection.close(200, "tap done".into()).await;
+        // Bounded: a close the broker never confirms must not hang the test.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            self.connection.close(200, "tap done".into()),
+        )
+        .await;
         self.task.await.expect("tap task")
     }
 }

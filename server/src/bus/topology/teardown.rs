@@ -19,6 +19,10 @@ use super::Topology;
 const MAX_RETRY_LEVELS: u32 = 19;
 /// How long one node may take to accept the clean-up's connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long deleting a namespace's queues and exchanges may take.
+const DELETE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the broker may take to confirm the clean-up connection's close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Topology {
     /// Every name `namespace` can hold, whatever retry settings its services ran with: for
@@ -76,9 +80,16 @@ impl Topology {
             let deleted = async {
                 let channel = connection.create_channel().await?;
                 self.delete_all(&channel).await
-            }
-            .await;
-            let _ = connection.close(200, "teardown done".into()).await;
+            };
+            let deleted = match tokio::time::timeout(DELETE_TIMEOUT, deleted).await {
+                Ok(deleted) => deleted.map_err(anyhow::Error::from),
+                Err(_) => Err(anyhow::anyhow!("no answer within {DELETE_TIMEOUT:?}")),
+            };
+            // A close the broker never confirms must not hold the caller (seen once in a test
+            // run: the broker had already dropped the socket).
+            let _ =
+                tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "teardown done".into()))
+                    .await;
             return deleted
                 .with_context(|| format!("deleting the topology of `{}`", self.namespace()));
         }
