@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use sqlx::AnyConnection;
 use tokio::sync::Notify;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
     bus::{Event, propagation},
@@ -71,19 +70,9 @@ impl Outbox {
         self.inner.service
     }
 
-    /// Stages `event` in the caller's transaction; returns its message id. The current span's
-    /// trace context is stored with it so the publish continues the trace.
-    pub async fn stage<E: Event>(
-        &self,
-        conn: &mut AnyConnection,
-        event: &E,
-    ) -> sqlx::Result<String> {
-        self.stage_with_context(conn, event, &tracing::Span::current().context())
-            .await
-    }
-
-    /// [`Outbox::stage`] with an explicit trace context, for work done on behalf of a caller
-    /// whose span is not the current one (e.g. a group commit).
+    /// Stages `event` in the caller's transaction, with `trace` as the context its publish
+    /// continues (the caller's, e.g. a group commit's); returns its message id. Inbox batches
+    /// collect [`Staged`] rows instead and [`write`] them together.
     pub async fn stage_with_context<E: Event>(
         &self,
         conn: &mut AnyConnection,
