@@ -82,7 +82,7 @@ impl Endpoint {
         let declare = if settings.verify_topology {
             Declare::Verify(service)
         } else {
-            Declare::All
+            Declare::All(service)
         };
         let broker = Broker::new(settings.amqp_url.clone(), name, topology.clone(), declare)
             .with_ca_cert(settings.ca_cert.clone())

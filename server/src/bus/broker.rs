@@ -304,13 +304,15 @@ impl Broker {
             .await
             .context("opening a channel")?;
         match self.inner.declare {
-            Declare::All => {
+            Declare::All(service) => {
                 let topology = &self.inner.topology;
                 topology
                     .declare(&channel)
                     .await
                     .context("declaring the topology")?;
-                topology.retire_legacy_dead_letter_queues(&connection).await;
+                topology
+                    .retire_legacy_dead_letter_queues(&connection, service)
+                    .await;
             }
             Declare::Verify(service) => {
                 let management = Management::new(

@@ -185,8 +185,10 @@ pub struct QueueNames {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Declare {
     /// Declare the whole namespace (needs `configure` permission on all of it): the default,
-    /// so a fresh broker just works.
-    All,
+    /// so a fresh broker just works. The service's own queues are also cleared of what an
+    /// earlier version left (see `retire`): each service only its own, so the services of one
+    /// process never move the same old queue at once and mix up its order.
+    All(Service),
     /// Only check that what this service uses exists exactly as declared (types, arguments,
     /// bindings), through the management API: for brokers whose topology is pre-declared (a
     /// definitions file) and whose users have least privilege.

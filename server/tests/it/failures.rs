@@ -828,7 +828,9 @@ async fn dead_letters_of_an_earlier_version_move_into_the_store() {
         )
         .await
         .unwrap();
-    for id in ["old-1", "old-2"] {
+    // Enough of them that two movers taking turns would show as a changed order.
+    let old: Vec<String> = (1..=12).map(|i| format!("old-{i:02}")).collect();
+    for id in &old {
         let mut headers = FieldTable::default();
         for (key, value) in [
             (header::QUEUE, work.as_str()),
@@ -838,16 +840,22 @@ async fn dead_letters_of_an_earlier_version_move_into_the_store() {
             headers.insert(key.into(), AMQPValue::LongString(value.into()));
         }
         let properties = BasicProperties::default()
-            .with_message_id(id.into())
+            .with_message_id(id.as_str().into())
             .with_type("orderflow.v1.InventoryReserved".into())
             .with_headers(headers);
         publish_raw(&conn, "", &legacy, b"\x0a\x01x", properties).await;
     }
 
     let app = spawn_app_with(|c| c.namespace = namespace.clone()).await;
-    let moved = app.dead_letters_in("payment.inventory-reserved", 2).await;
-    let ids: Vec<&str> = moved.iter().map(|d| d.message_id.as_str()).collect();
-    assert_eq!(ids, ["old-1", "old-2"], "both kept, in their order");
+    let moved = app
+        .dead_letters_in("payment.inventory-reserved", old.len() as u64)
+        .await;
+    let ids: Vec<&String> = moved.iter().map(|d| &d.message_id).collect();
+    assert_eq!(
+        ids,
+        old.iter().collect::<Vec<_>>(),
+        "all kept, in their order"
+    );
     assert!(moved.iter().all(|d| d.reason == "permanent-error"));
     eventually("the old queue deleted", || async {
         let channel = conn.create_channel().await.unwrap();

@@ -2,8 +2,12 @@
 //! dead-letter store. A namespace declared by an earlier version still has them, still bound to
 //! the dead-letter exchange: left alone they would fill with copies nobody reads, and the dead
 //! letters already in them would be out of the API's sight. So, on a connection that declares
-//! the topology, each one found is unbound, its messages are moved to the dead-letter intake
-//! (which keeps them in the store), and it is deleted.
+//! the topology, each one found among the service's own queues is unbound, its messages are
+//! moved to the dead-letter intake (which keeps them in the store), and it is deleted.
+//!
+//! One mover per old queue keeps its dead letters in their order. Two instances of a service
+//! starting at the same moment can still both move from one queue: then the order between
+//! them may mix, but the inbox keeps each dead letter once and none is lost.
 //!
 //! A move takes a message, publishes it to the intake with confirms, and only then acknowledges
 //! it; the intake's inbox makes a message moved twice (a crash in between) stored once.
@@ -19,13 +23,17 @@ use lapin::{
 use tracing::{info, warn};
 
 use super::{QueueNames, Source, Topology};
-use crate::bus::message::republishable;
+use crate::{bus::message::republishable, service::Service};
 
 impl Topology {
-    /// Moves what the earlier per-queue DLQs hold into the dead-letter intake and deletes them.
-    /// Returns how many dead letters were moved. Nothing to do (and nothing declared) on a
-    /// namespace that never had them.
-    pub async fn retire_legacy_dead_letter_queues(&self, connection: &Connection) -> u64 {
+    /// Moves what the earlier per-queue DLQs of `service`'s work queues hold into the
+    /// dead-letter intake and deletes them. Returns how many dead letters were moved. Nothing
+    /// to do (and nothing declared) on a namespace that never had them.
+    pub async fn retire_legacy_dead_letter_queues(
+        &self,
+        connection: &Connection,
+        service: Service,
+    ) -> u64 {
         let Some(intake) = self
             .all_queues()
             .into_iter()
@@ -35,7 +43,7 @@ impl Topology {
             return 0;
         };
         let mut moved = 0;
-        for queue in self.all_queues() {
+        for queue in self.queues_of(service) {
             if queue.subscription.source != Source::Events {
                 continue;
             }
