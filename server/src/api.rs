@@ -7,6 +7,7 @@ pub mod auth;
 mod dead_letters;
 mod error;
 mod health;
+mod message_limit;
 pub mod request;
 mod response;
 mod service;
@@ -152,6 +153,7 @@ pub async fn serve(
     }
     let server = server
         .max_concurrent_streams(Some(security.max_streams_per_connection))
+        .layer(message_limit::MessageLimitLayer::new(limit))
         .trace_fn(request_span)
         .add_service(health)
         .add_service(reflection_v1)
@@ -172,6 +174,9 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(orderflow_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // The error detail types orderflow sends (google.rpc.BadRequest, ...), so grpcurl can
+        // print their fields instead of raw bytes.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
 /// The SERVER span of one call, continuing the caller's `traceparent` when there is one.

@@ -104,8 +104,16 @@ async fn readme_examples_run_verbatim() {
 
     let (_, refused) = &outputs[2];
     assert!(refused.contains("InvalidArgument"), "{refused}");
+    // The field violation itself, which grpcurl can decode only if reflection serves
+    // google.rpc.BadRequest.
     assert!(
-        refused.contains("items[0].quantity: must be at least 1"),
+        refused.contains(r#""fieldViolations":[{"field":"items[0].quantity","description":"must be at least 1"}]"#),
+        "{refused}"
+    );
+    assert!(!refused.contains("is not recognized"), "{refused}");
+    assert!(
+        refused.contains("Code: ResourceExhausted")
+            && refused.contains("is larger than the limit of 65536 bytes"),
         "{refused}"
     );
     server.stop().await;
