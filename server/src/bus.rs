@@ -7,7 +7,8 @@
 //! - [`Consumer`]: the consume loop and the one place deliveries are settled;
 //! - [`failure`]: the headers a failed message's copy carries;
 //! - [`dead_letters`]: what a dead letter is, read from the intake, and how it is replayed;
-//! - [`propagation`]: trace context in message headers.
+//! - [`propagation`]: trace context in message headers;
+//! - [`recovery`]: the spans of a retry, a dead-lettering and a replay.
 //!
 //! Services see only [`Event`]s, [`Incoming`] messages and [`HandleError`]s.
 
@@ -22,6 +23,7 @@ pub mod message;
 mod outcome;
 pub mod propagation;
 mod publisher;
+pub mod recovery;
 mod retry;
 pub mod topology;
 

@@ -123,13 +123,18 @@ pub fn init(settings: &Settings) -> anyhow::Result<Telemetry> {
 
 /// Marks `span` failed and records the error as an OpenTelemetry `exception` event.
 pub fn record_error(span: &tracing::Span, kind: &str, error: &dyn std::fmt::Display) {
-    let message = error.to_string();
-    span.set_status(opentelemetry::trace::Status::error(message.clone()));
+    span.set_status(opentelemetry::trace::Status::error(error.to_string()));
+    record_exception(span, kind, error);
+}
+
+/// Records an error as an OpenTelemetry `exception` event on `span`, leaving its status alone:
+/// for an error the span's own work recovers from, such as a failed attempt being retried.
+pub fn record_exception(span: &tracing::Span, kind: &str, error: &dyn std::fmt::Display) {
     span.add_event(
         "exception",
         vec![
             opentelemetry::KeyValue::new("exception.type", kind.to_owned()),
-            opentelemetry::KeyValue::new("exception.message", message),
+            opentelemetry::KeyValue::new("exception.message", error.to_string()),
         ],
     );
 }

@@ -4,12 +4,10 @@
 //! purges some or all of them. It reads Order's dead-letter store, never a queue, so browsing
 //! costs nothing on any RabbitMQ version.
 
-use opentelemetry::trace::TraceContextExt as _;
 use orderflow_proto::orderflow::v1::{self as pb, dead_letters_server::DeadLetters};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use tonic::{Request, Response, Status};
 use tracing::info;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::error::{Error, finish};
 use crate::{
@@ -192,15 +190,6 @@ impl DeadLetterApi {
         let source = self.resolve(&request.queue)?;
         let selection = selection(request.message_ids, request.all)?;
         let (replayed, not_found) = self.store.replay(&source, &selection).await?;
-        // The replay is not part of the replayed messages' traces (they keep their own), but
-        // related to them: link this call's span to each.
-        let span = tracing::Span::current();
-        for stored in &replayed {
-            let linked = stored.parked.trace_context().span().span_context().clone();
-            if linked.is_valid() {
-                span.add_link(linked);
-            }
-        }
         // A message dead-lettered twice is replayed twice (the inbox keeps one), named once.
         let mut seen = std::collections::HashSet::new();
         let ids: Vec<String> = replayed

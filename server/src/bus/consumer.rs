@@ -22,12 +22,15 @@ use lapin::{
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, error, info, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::{
     Broker, HandleError, Incoming, Link, Outgoing, Publisher, RetryPolicy,
     failure::Failure,
     message::republishable,
     outcome::{Settlement, settle},
+    propagation,
+    recovery::{self, Resend},
     topology::{QueueNames, Source, header},
 };
 use crate::{metrics::Metrics, service::Service};
@@ -296,7 +299,7 @@ impl<P: Processor> Consumer<P> {
         let message_id = incoming.message_id().unwrap_or_default();
         let kind = incoming.kind().unwrap_or_default();
         let settlement = settle(&result, attempt, &self.policy);
-        let copy = match (&settlement, &result) {
+        let (copy, span) = match (&settlement, &result) {
             (Settlement::Ack, _) => {
                 info!(
                     target: "orderflow::message",
@@ -324,82 +327,105 @@ impl<P: Processor> Consumer<P> {
                 },
                 Err(error),
             ) => {
-                warn!(
-                    service = self.service.service_name(),
-                    queue = %self.queue.work,
-                    event.type = kind,
-                    order.id = order_id,
-                    message.id = message_id,
-                    attempt,
-                    retry_in_ms = delay.as_millis() as u64,
-                    error = %error,
-                    "Handling failed; retrying after a delay."
-                );
-                self.metrics.retried(self.service.service_name(), kind);
-                let mut copy = self.failure_copy(incoming, error);
-                copy.exchange = self
+                let exchange = self
                     .broker
                     .topology()
                     .retry_queue(self.service, *failed_attempt);
+                let span = recovery::retry_span(
+                    &self.resend(incoming, &exchange, &self.queue.work),
+                    attempt,
+                    *delay,
+                    error.kind(),
+                    error,
+                    propagation::extract(incoming.headers()),
+                );
+                span.in_scope(|| {
+                    warn!(
+                        service = self.service.service_name(),
+                        queue = %self.queue.work,
+                        event.type = kind,
+                        order.id = order_id,
+                        message.id = message_id,
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        error = %error,
+                        "Handling failed; retrying after a delay."
+                    )
+                });
+                self.metrics.retried(self.service.service_name(), kind);
+                let mut copy = self.failure_copy(incoming, error);
                 copy.routing_key = self.queue.work.clone();
+                copy.exchange = exchange;
                 copy.properties = copy
                     .properties
                     .with_expiration(delay.as_millis().max(1).to_string().as_str().into());
-                Some(copy.with_header(
+                let copy = copy.with_header(
                     header::ATTEMPT,
                     lapin::types::AMQPValue::LongLongInt(i64::from(attempt) + 1),
-                ))
+                );
+                (copy.with_trace_context(&span.context()), span)
             }
             (Settlement::DeadLetter(reason), Err(error)) => {
-                error!(
-                    service = self.service.service_name(),
-                    queue = %self.queue.work,
-                    dlq = %self.queue.dlq,
-                    event.type = kind,
-                    order.id = order_id,
-                    message.id = message_id,
+                let route = &self.queue.dead_letter;
+                let span = recovery::dead_letter_span(
+                    &self.resend(incoming, &route.exchange, &route.routing_key),
+                    reason.as_str(),
                     attempt,
-                    reason = reason.as_str(),
-                    error = %error,
-                    "Dead-lettered a message."
+                    error,
+                    propagation::extract(incoming.headers()),
                 );
+                span.in_scope(|| {
+                    error!(
+                        service = self.service.service_name(),
+                        queue = %self.queue.work,
+                        dlq = %self.queue.dlq,
+                        event.type = kind,
+                        order.id = order_id,
+                        message.id = message_id,
+                        attempt,
+                        reason = reason.as_str(),
+                        error = %error,
+                        "Dead-lettered a message."
+                    )
+                });
                 self.metrics
                     .dead_lettered(self.service.service_name(), kind);
                 let mut copy = self.failure_copy(incoming, error);
-                copy.exchange = self.queue.dead_letter.exchange.clone();
-                copy.routing_key = self.queue.dead_letter.routing_key.clone();
-                Some(copy.dead_lettered(reason.as_str(), attempt))
+                copy.exchange = route.exchange.clone();
+                copy.routing_key = route.routing_key.clone();
+                let copy = copy.dead_lettered(reason.as_str(), attempt);
+                (copy.with_trace_context(&span.context()), span)
             }
             (_, Ok(())) => unreachable!("settle() only retries or dead-letters failures"),
         };
 
-        if let Some(copy) = copy {
-            let span = tracing::debug_span!("settle", queue = %self.queue.work);
-            let parked = match &self.refuse_park {
-                Some(ParkFault(refuse)) if refuse() => Err(super::PublishError::Nacked),
-                _ => self.publisher.publish(&copy).instrument(span).await,
-            };
-            if let Err(error) = parked {
-                // Not parked anywhere: give it back to the queue rather than lose it. The
-                // queue's explicit delivery limit (the same on RabbitMQ 3 and 4) stops this from
-                // looping forever: past it, the broker dead-letters the message itself, and
-                // at-least-once dead-lettering keeps it until the dead-letter route takes it.
+        let parked = match &self.refuse_park {
+            Some(ParkFault(refuse)) if refuse() => Err(super::PublishError::Nacked),
+            _ => self.publisher.publish(&copy).instrument(span.clone()).await,
+        };
+        if let Err(error) = parked {
+            // Not parked anywhere: give it back to the queue rather than lose it. The queue's
+            // explicit delivery limit (the same on RabbitMQ 3 and 4) stops this from looping
+            // forever: past it, the broker dead-letters the message itself, and at-least-once
+            // dead-lettering keeps it until the dead-letter route takes it.
+            crate::telemetry::record_error(&span, "park", &error);
+            span.in_scope(|| {
                 warn!(
                     queue = %self.queue.work,
                     message.id = message_id,
                     error = %error,
                     "Could not park a failed message; requeueing it."
-                );
-                incoming
-                    .delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await?;
-                return Ok(Settled::Done);
-            }
+                )
+            });
+            incoming
+                .delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+            return Ok(Settled::Done);
         }
         incoming
             .delivery
@@ -407,6 +433,24 @@ impl<P: Processor> Consumer<P> {
             .ack(BasicAckOptions::default())
             .await?;
         Ok(Settled::Done)
+    }
+
+    /// What a retry or dead-letter span says about `incoming`, sent on to `exchange`.
+    fn resend<'a>(
+        &'a self,
+        incoming: &'a Incoming,
+        exchange: &'a str,
+        routing_key: &'a str,
+    ) -> Resend<'a> {
+        Resend {
+            service: self.service,
+            queue: &self.queue.work,
+            exchange,
+            routing_key,
+            message_id: incoming.message_id().unwrap_or_default(),
+            order_id: incoming.correlation_id().unwrap_or_default(),
+            event_type: incoming.kind().unwrap_or_default(),
+        }
     }
 
     /// A copy of `incoming` (body untouched) carrying the failure's context in its headers.

@@ -137,7 +137,8 @@ impl Parked {
 
 /// The properties a replayed message travels with, from a dead letter's stored ones: the
 /// failure bookkeeping is reset (a fresh attempt count, no stale first-failure time), the
-/// trace context and original route are kept, and the replay itself is recorded.
+/// original route is kept, and the replay itself is recorded. The relay sets the trace context
+/// when it publishes: the replay's, linked to the one kept here.
 pub fn replay_properties(stored: &str) -> serde_json::Result<String> {
     let properties: BasicProperties = serde_json::from_str(stored)?;
     let properties = republishable(&properties).with_headers(fresh_headers(&properties));

@@ -11,12 +11,15 @@
 use std::collections::BTreeMap;
 
 use sqlx::{AnyConnection, FromRow};
+use tracing::info;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
     bus::{
         Topology,
         dead_letters::{self, Parked},
         propagation,
+        recovery::{self, Resend},
     },
     db::Database,
     outbox::{Forward, Outbox},
@@ -223,7 +226,29 @@ impl DeadLetterStore {
         for stored in &taken {
             let parked = &stored.parked;
             let properties = dead_letters::replay_properties(&parked.properties)?;
-            let trace = propagation::to_map(&parked.trace_context());
+            let resend = Resend {
+                service: Service::Order,
+                queue: source,
+                exchange: &parked.replay_exchange,
+                routing_key: &parked.replay_routing_key,
+                message_id: &parked.message_id,
+                order_id: &parked.correlation_id,
+                event_type: &parked.kind,
+            };
+            // The replayed message travels in the trace of the request that replays it, which
+            // links back to the one it failed in.
+            let span = recovery::replay_span(&resend, &parked.trace_context());
+            span.in_scope(|| {
+                info!(
+                    queue = source,
+                    message.id = %parked.message_id,
+                    order.id = %parked.correlation_id,
+                    event.type = %parked.kind,
+                    reason = %parked.reason,
+                    "Replaying a dead letter."
+                )
+            });
+            let trace = propagation::to_map(&span.context());
             let trace = serde_json::to_string(&trace).unwrap_or_else(|_| "{}".to_owned());
             self.outbox
                 .stage_forward(

@@ -28,7 +28,9 @@ use super::{
 use crate::{
     bus::{
         DeadLetterReason, Outgoing, PublishError, Publisher, RetryPolicy, dead_letters, message,
-        nth_delay, propagation, topology::Topology,
+        nth_delay, propagation,
+        recovery::{self, Resend},
+        topology::Topology,
     },
     db::{Backend, Database},
     metrics::Metrics,
@@ -335,26 +337,45 @@ impl Relay {
     ) {
         let service = self.service();
         let now = SystemTime::now();
-        let copies: Vec<Outgoing> = parking
+        let (copies, spans): (Vec<Outgoing>, Vec<tracing::Span>) = parking
             .iter()
             .map(|p| {
+                let (row, message) = (&rows[p.index], &messages[p.index]);
                 let refused = Refused {
-                    message: &messages[p.index],
+                    message,
                     attempt: p.attempt,
                     reason: p.reason,
                     error: p.error.to_string(),
-                    first_failed_at: rows[p.index].first_failed_at,
+                    first_failed_at: row.first_failed_at,
                 };
-                self.parking.copy(&refused, now)
+                let resend = Resend {
+                    service: self.outbox.service(),
+                    queue: &self.parking.route,
+                    exchange: &self.parking.exchange,
+                    routing_key: &self.parking.route,
+                    message_id: &row.message_id,
+                    order_id: &row.correlation_id,
+                    event_type: &row.message_type,
+                };
+                let span = recovery::dead_letter_span(
+                    &resend,
+                    p.reason.as_str(),
+                    p.attempt,
+                    &p.error,
+                    propagation::extract(message.properties.headers().as_ref()),
+                );
+                let copy = self.parking.copy(&refused, now);
+                (copy.with_trace_context(&span.context()), span)
             })
-            .collect();
+            .unzip();
         let results = self
             .publisher
             .publish_all(&copies)
             .instrument(tracing::Span::none())
             .await;
-        for (p, result) in parking.into_iter().zip(results) {
+        for ((p, result), span) in parking.into_iter().zip(results).zip(spans) {
             let row = &rows[p.index];
+            let _entered = span.enter();
             match result {
                 Ok(()) => {
                     error!(
@@ -378,6 +399,7 @@ impl Relay {
                 }
                 Err(park_error) => {
                     let delay = self.policy.delay(p.attempt);
+                    crate::telemetry::record_error(&span, "park", &park_error);
                     warn!(
                         service,
                         event.type = %row.message_type,
@@ -420,15 +442,21 @@ impl Relay {
     fn publish_span(&self, row: &Row) -> tracing::Span {
         let context: HashMap<String, String> =
             serde_json::from_str(&row.trace_context).unwrap_or_default();
+        // A replay goes straight to its queue through the default exchange, whose name is
+        // empty; the messaging conventions call it `amq.default`.
+        let exchange = match row.exchange(&self.exchange) {
+            "" => "amq.default",
+            exchange => exchange,
+        };
         let span = tracing::info_span!(
             "publish",
-            otel.name = %format!("publish {}", row.exchange(&self.exchange)),
+            otel.name = %format!("publish {exchange}"),
             otel.kind = "producer",
             service.name = self.outbox.service().service_name(),
             messaging.system = "rabbitmq",
             messaging.operation.type = "send",
             messaging.operation.name = "publish",
-            messaging.destination.name = %row.exchange(&self.exchange),
+            messaging.destination.name = %exchange,
             messaging.rabbitmq.destination.routing_key = %row.routing_key,
             messaging.message.id = %row.message_id,
             messaging.message.conversation_id = %row.correlation_id,
@@ -439,8 +467,8 @@ impl Relay {
     }
 
     fn message(&self, row: &Row, span: &tracing::Span) -> Outgoing {
-        // A forwarded message keeps the properties it was stored with, trace context included:
-        // a replay continues the original trace.
+        // A forwarded message (a replay) keeps the properties it was stored with, but travels
+        // in the trace the row was staged in: the replay's, which links to the original.
         if let Some(properties) = row
             .properties
             .as_deref()
@@ -451,7 +479,8 @@ impl Relay {
                 routing_key: row.routing_key.clone(),
                 properties,
                 body: row.body.clone(),
-            };
+            }
+            .with_trace_context(&span.context());
         }
         let properties = message::properties(
             &row.message_id,

@@ -19,6 +19,7 @@ mod pg_database;
 mod place_order;
 mod process;
 mod readme;
+mod recovery_traces;
 mod saga;
 mod security;
 mod teardown;

@@ -298,6 +298,26 @@ async fn an_event_refused_on_every_attempt_is_parked_as_a_dead_letter() {
     assert_eq!(h(header::ERROR_KIND).as_deref(), Some("transient"));
     let error = h(header::LAST_ERROR).expect("last error");
     assert!(error.contains("unroutable"), "{error}");
+    // The parking is a span of the event's trace, and the dead letter continues from it.
+    let traceparent = h("traceparent").expect("trace context");
+    let (trace_id, parent) = {
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        (parts[1].to_owned(), parts[2].to_owned())
+    };
+    let name = format!("dead-letter {route}");
+    let spans = crate::helpers::collector()
+        .wait_for_trace(&trace_id, WAIT, |spans| {
+            spans.iter().any(|s| s.name == name)
+        })
+        .await;
+    let span = spans
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("a {name} span in {spans:?}"));
+    assert_eq!(span.span_id, parent);
+    assert!(span.status_error);
+    assert_eq!(span.attributes["dead_letter.reason"], "unroutable");
+    assert_eq!(span.attributes["dead_letter.attempts"], "3");
     let (first, last) = (
         h(header::FIRST_FAILURE_AT).expect("first failure"),
         h(header::LAST_FAILURE_AT).expect("last failure"),
