@@ -11,6 +11,7 @@ mod amqp;
 mod baseline;
 mod catalog;
 mod plot;
+mod postgres;
 mod report;
 mod stats;
 
@@ -112,6 +113,12 @@ pub struct BenchArgs {
     /// SQLite durability of the servers.
     #[arg(long, value_enum, default_value_t = DbSync::Full)]
     pub db_sync: DbSync,
+
+    /// Keep orderflow's state in PostgreSQL instead of SQLite: the URL of any database on a
+    /// server on this machine (e.g. `postgres://postgres@127.0.0.1:5432/postgres`). Each run
+    /// gets a database of its own there, dropped afterwards.
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
 
     /// AMQP prefetch of every consumer, orderflow's and the baseline's.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..))]
@@ -320,6 +327,11 @@ impl Bench {
             config: report::Config {
                 deployment: args.deployment,
                 db_sync: args.db_sync,
+                store: if args.postgres.is_some() {
+                    "postgresql"
+                } else {
+                    "sqlite"
+                },
                 prefetch: args.prefetch,
                 orders: args.orders,
                 serial_orders: args.serial_orders,
@@ -379,11 +391,15 @@ impl Bench {
     async fn run_orderflow(&self, mode: Mode) -> Result<Run> {
         let namespace = self.namespace(mode, System::Orderflow);
         eprintln!("{mode} / orderflow: starting the server ({namespace})");
+        let database = match &self.args.postgres {
+            Some(server) => Some(postgres::RunDatabase::create(server, &namespace).await?),
+            None => None,
+        };
         let settings = deployment::Settings {
             server_bin: self.server_bin.clone(),
             namespace: namespace.clone(),
             data_dir: self.work_dir.join(format!("{mode}-orderflow")),
-            database_url: None,
+            database_url: database.as_ref().map(|d| d.url.clone()),
             sqlite_services: Vec::new(),
             amqp_url: self.args.amqp_url.clone(),
             layout: self.args.deployment,
@@ -412,6 +428,9 @@ impl Bench {
             Err(error) => {
                 // A server may have declared the topology before failing.
                 let _ = topology.delete_all_at(&self.args.amqp_url).await;
+                if let Some(database) = database {
+                    let _ = database.drop().await;
+                }
                 return Err(error);
             }
         };
@@ -429,6 +448,10 @@ impl Bench {
             .collect();
         let exits = servers.stop_all().await;
         let leftover = topology.delete_all_at(&self.args.amqp_url).await;
+        let dropped = match database {
+            Some(database) => database.drop().await,
+            None => Ok(()),
+        };
         let (result, usage) = measured.with_context(|| {
             let tails: Vec<String> = logs
                 .iter()
@@ -444,6 +467,10 @@ impl Bench {
         match leftover {
             Ok(messages) => run.leftover_messages = messages,
             Err(error) => run.notes.push(format!("clean-up failed: {error:#}")),
+        }
+        if let Err(error) = dropped {
+            run.notes
+                .push(format!("dropping the run's database failed: {error:#}"));
         }
         if let Some(crash) = crash {
             run.notes.push(crash);

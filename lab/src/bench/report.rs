@@ -81,6 +81,8 @@ pub(crate) struct Config {
     /// The server's own setting, written as its `--db-sync` value.
     #[serde(serialize_with = "db_sync_name")]
     pub(crate) db_sync: DbSync,
+    /// Where orderflow keeps its state: `sqlite` or `postgresql`.
+    pub(crate) store: &'static str,
     pub(crate) prefetch: u16,
     pub(crate) orders: u64,
     pub(crate) serial_orders: u64,
@@ -234,8 +236,9 @@ impl Report {
         let c = &self.config;
         let _ = writeln!(
             out,
-            "orderflow bench: {} deployment, db-sync {}, prefetch {}, warm-up {} orders per run",
+            "orderflow bench: {} deployment, {} store, db-sync {}, prefetch {}, warm-up {} orders per run",
             c.deployment,
+            c.store,
             db_sync_arg(c.db_sync),
             c.prefetch,
             c.warmup_orders
