@@ -7,6 +7,7 @@ pub mod auth;
 mod dead_letters;
 mod error;
 mod health;
+mod red;
 pub mod request;
 mod response;
 mod service;
@@ -112,11 +113,13 @@ impl tonic::service::Interceptor for Guard {
 
 /// Serves gRPC on `listener` until `shutdown`: health (following `ready`) and reflection always
 /// (no token needed), `OrderService` and `DeadLetters` when given (where the order service runs).
+/// Every call is counted and timed in `metrics` (see [`red`]).
 pub async fn serve(
     listener: TcpListener,
     apis: Option<(OrderApi, DeadLetterApi)>,
     ready: watch::Receiver<bool>,
     security: Security,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let serves_orders = apis.is_some();
@@ -153,6 +156,7 @@ pub async fn serve(
     let server = server
         .max_concurrent_streams(Some(security.max_streams_per_connection))
         .trace_fn(request_span)
+        .layer(red::RedLayer::new(metrics))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -28,6 +28,7 @@ use super::{
     failure::Failure,
     message::republishable,
     outcome::{Settlement, settle},
+    pause::Pause,
     topology::{QueueNames, Source, header},
 };
 use crate::{metrics::Metrics, service::Service};
@@ -69,6 +70,8 @@ pub struct Settings {
     /// Fault injection: when it says so, parking a failed message fails as if the broker had
     /// refused it.
     pub refuse_park: Option<ParkFault>,
+    /// Set while the consumer holds a subscription, for `orderflow_consumer_paused`.
+    pub pause: Pause,
 }
 
 /// Decides, for fault injection, whether a park fails.
@@ -92,6 +95,7 @@ pub struct Consumer<P> {
     prefetch: u16,
     max_message_bytes: usize,
     refuse_park: Option<ParkFault>,
+    pause: Pause,
     processor: Arc<P>,
     metrics: Metrics,
 }
@@ -112,6 +116,7 @@ impl<P: Processor> Consumer<P> {
             prefetch,
             max_message_bytes,
             refuse_park,
+            pause,
         } = settings;
         Consumer {
             broker,
@@ -122,6 +127,7 @@ impl<P: Processor> Consumer<P> {
             prefetch,
             max_message_bytes,
             refuse_park,
+            pause,
             processor,
             metrics,
         }
@@ -171,6 +177,7 @@ impl<P: Processor> Consumer<P> {
             )
             .await?;
         debug!(queue = %self.queue.work, consumer.tag = %tag, "Consuming.");
+        let _subscribed = self.pause.subscribed();
 
         let mut loaded = false;
         loop {
@@ -314,6 +321,7 @@ impl<P: Processor> Consumer<P> {
                     kind,
                     &self.queue.work,
                     incoming.age(),
+                    incoming.duplicate(),
                 );
                 return Ok(Settled::AckLater);
             }
@@ -335,7 +343,8 @@ impl<P: Processor> Consumer<P> {
                     error = %error,
                     "Handling failed; retrying after a delay."
                 );
-                self.metrics.retried(self.service.service_name(), kind);
+                self.metrics
+                    .retried(self.service.service_name(), kind, incoming.age());
                 let mut copy = self.failure_copy(incoming, error);
                 copy.exchange = self
                     .broker
@@ -364,7 +373,7 @@ impl<P: Processor> Consumer<P> {
                     "Dead-lettered a message."
                 );
                 self.metrics
-                    .dead_lettered(self.service.service_name(), kind);
+                    .dead_lettered(self.service.service_name(), kind, incoming.age());
                 let mut copy = self.failure_copy(incoming, error);
                 copy.exchange = self.queue.dead_letter.exchange.clone();
                 copy.routing_key = self.queue.dead_letter.routing_key.clone();
