@@ -10,6 +10,7 @@ mod layout;
 #[path = "../common/tap.rs"]
 mod tap;
 
+mod dashboard;
 mod failures;
 mod observability;
 mod otlp;
