@@ -159,8 +159,42 @@ async fn every_dashboard_query_reads_what_the_services_export() {
             })
     })
     .await;
-    // Counters only grow: what the last check saw is all there still.
+    // An error, answered trailers-only: its code is in the response headers.
+    let missing = app
+        .client
+        .clone()
+        .get_order(pb::GetOrderRequest {
+            order_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .expect_err("no such order");
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    let handled = |kind: &str, method: &str, code: &str| {
+        format!(
+            "orderflow_grpc_server_handled_total{{grpc_type=\"{kind}\",grpc_service=\"orderflow.v1.OrderService\",grpc_method=\"{method}\",grpc_code=\"{code}\"}}"
+        )
+    };
+    // Such a call ends when the server drops its empty body, which may be just after the
+    // client has its answer.
+    let not_found = handled("unary", "GetOrder", "NOT_FOUND");
+    eventually("the failed GetOrder counted", || async {
+        series(&scrape(addr).await).contains_key(&not_found)
+    })
+    .await;
+    // Counters only grow: what the last checks saw is all there still.
     let text = scrape(addr).await;
+    let rows = series(&text);
+    let rpc = |kind: &str, method: &str, code: &str| {
+        let key = handled(kind, method, code);
+        rows.get(&key)
+            .copied()
+            .unwrap_or_else(|| panic!("{key} missing:\n{text}"))
+    };
+    assert_eq!(rpc("unary", "PlaceOrder", "OK"), 1.0);
+    assert_eq!(rpc("unary", "GetOrder", "NOT_FOUND"), 1.0);
+    assert!(rpc("unary", "GetOrder", "OK") >= 1.0);
+    // The watch ended with the order: its status came in the trailers.
+    assert!(rpc("server_stream", "WatchOrder", "OK") >= 1.0);
     let exported = exported(&text);
 
     let queries = dashboard_queries();
