@@ -8,6 +8,7 @@ mod dead_letters;
 mod error;
 mod health;
 mod message_limit;
+mod red;
 pub mod request;
 mod response;
 mod service;
@@ -113,11 +114,13 @@ impl tonic::service::Interceptor for Guard {
 
 /// Serves gRPC on `listener` until `shutdown`: health (following `ready`) and reflection always
 /// (no token needed), `OrderService` and `DeadLetters` when given (where the order service runs).
+/// Every call is counted and timed in `metrics` (see [`red`]).
 pub async fn serve(
     listener: TcpListener,
     apis: Option<(OrderApi, DeadLetterApi)>,
     ready: watch::Receiver<bool>,
     security: Security,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let serves_orders = apis.is_some();
@@ -155,6 +158,7 @@ pub async fn serve(
         .max_concurrent_streams(Some(security.max_streams_per_connection))
         .layer(message_limit::MessageLimitLayer::new(limit))
         .trace_fn(request_span)
+        .layer(red::RedLayer::new(metrics))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -151,8 +151,9 @@ impl App {
             );
             (order_api, DeadLetterApi::new(order.dead_letters, topology))
         });
+        let grpc_metrics = metrics.clone();
         stages.spawn(Stage::Intake, |stop| {
-            api::serve(listener, apis, ready, security, stop)
+            api::serve(listener, apis, ready, security, grpc_metrics, stop)
         });
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(listener) = metrics_listener {

@@ -5,6 +5,7 @@
 //! - [`Broker`]: the supervised, self-healing connection;
 //! - [`Publisher`]: confirmed, mandatory publishing;
 //! - [`Consumer`]: the consume loop and the one place deliveries are settled;
+//! - [`pause`]: whether a consumer takes deliveries, for `orderflow_consumer_paused`;
 //! - [`failure`]: the headers a failed message's copy carries;
 //! - [`dead_letters`]: what a dead letter is, read from the intake, and how it is replayed;
 //! - [`propagation`]: trace context in message headers;
@@ -21,6 +22,7 @@ pub mod failure;
 pub mod management;
 pub mod message;
 mod outcome;
+pub mod pause;
 pub mod propagation;
 mod publisher;
 pub mod recovery;

@@ -14,6 +14,7 @@ use crate::{
     bus::{
         AmqpUrl, Broker, Consumer, ConsumerSettings, ParkFault, Publisher, RetryPolicy, Topology,
         management::ManagementUrl,
+        pause::{self, Pause},
         topology::{Declare, QueueNames},
     },
     db::Database,
@@ -195,6 +196,14 @@ impl Endpoint {
         max_message_bytes: usize,
         stages: &mut Stages,
     ) {
+        let pause = Pause::default();
+        self.metrics.probe(pause::probe(
+            self.service.service_name(),
+            queue.work.clone(),
+            pause.clone(),
+            self.broker.clone(),
+        ));
+        let inbox = inbox.with_pause(pause.clone());
         let settings = ConsumerSettings {
             queue,
             service: self.service,
@@ -205,6 +214,7 @@ impl Endpoint {
                 let faults = self.faults.clone();
                 ParkFault(Arc::new(move || faults.refuse_park()))
             }),
+            pause,
         };
         let consumer = Consumer::new(
             self.broker.clone(),

@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
-    bus::{Event, HandleError, Incoming, Processor, nth_delay, propagation},
+    bus::{Event, HandleError, Incoming, Processor, nth_delay, pause::Pause, propagation},
     db::{self, Database, Tx},
     fault::Faults,
     outbox::{self, Outbox, Staged},
@@ -107,6 +107,7 @@ pub struct Inbox<H> {
     dedup_key: DedupKey,
     faults: Faults,
     shutdown: CancellationToken,
+    pause: Pause,
 }
 
 impl<H: Handler> Inbox<H> {
@@ -120,6 +121,7 @@ impl<H: Handler> Inbox<H> {
             dedup_key: by_message_id,
             faults: Faults::default(),
             shutdown: CancellationToken::new(),
+            pause: Pause::default(),
         }
     }
 
@@ -133,6 +135,12 @@ impl<H: Handler> Inbox<H> {
     /// Stops waiting out a database outage at `shutdown` (see [`Processor::process`]).
     pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
         self.shutdown = shutdown;
+        self
+    }
+
+    /// Reports a batch held through a database outage on `pause` (its consumer's).
+    pub fn with_pause(mut self, pause: Pause) -> Self {
+        self.pause = pause;
         self
     }
 
@@ -193,6 +201,7 @@ impl<H: Handler> Inbox<H> {
                 };
                 // Recorded before (a redelivery), or twice in this batch (a republished copy).
                 if !new.contains(key) || !seen.insert(key) {
+                    message.mark_duplicate();
                     tracing::debug!(message.id = %key, "Duplicate delivery; effects already committed.");
                     continue;
                 }
@@ -351,6 +360,8 @@ impl<H: Handler> Processor for Inbox<H> {
     async fn process(&self, batch: &[Incoming]) -> Vec<Result<(), HandleError>> {
         let mut pauses = 0;
         let mut waited = false;
+        // Dropped on every return: the batch is settled, one way or the other, right after.
+        let mut _held = None;
         loop {
             let error = match self.process_batch(batch).await {
                 Ok(results) => {
@@ -377,6 +388,7 @@ impl<H: Handler> Processor for Inbox<H> {
                     "The database cannot be reached; holding the batch until it answers."
                 );
                 waited = true;
+                _held = Some(self.pause.holding());
             }
             pauses += 1;
             tokio::select! {

@@ -48,6 +48,59 @@ struct HandlerLabels {
     queue: String,
 }
 
+/// Labels of the per-event outcome counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    service: &'static str,
+    r#type: String,
+    outcome: &'static str,
+}
+
+/// One gRPC method, labelled as go-grpc-prometheus labels it: `grpc_type` is `unary`,
+/// `server_stream`, `client_stream` or `bidi_stream`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct Rpc {
+    /// How the method streams.
+    pub grpc_type: &'static str,
+    /// The fully qualified service, e.g. `orderflow.v1.OrderService`.
+    pub grpc_service: String,
+    /// The method, e.g. `PlaceOrder`.
+    pub grpc_method: String,
+}
+
+/// An [`Rpc`] and the status code it ended with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RpcCodeLabels {
+    #[prometheus(flatten)]
+    rpc: Rpc,
+    grpc_code: &'static str,
+}
+
+/// How the handling of one delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled, its effects committed.
+    Ok,
+    /// Already handled before (a redelivery or a republished copy): acknowledged, nothing applied.
+    Duplicate,
+    /// Failed; parked for a delayed retry.
+    Retried,
+    /// Failed for good; moved to the dead-letter queue.
+    DeadLettered,
+}
+
+impl Outcome {
+    /// The `outcome` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Retried => "retried",
+            Outcome::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
 /// Labels of the finished-orders counter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct StatusLabels {
@@ -55,6 +108,11 @@ struct StatusLabels {
 }
 
 type Events = Family<EventLabels, Counter>;
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn histograms<L: Clone + Eq + std::hash::Hash>() -> Histograms<L> {
+    Family::new_with_constructor(|| Histogram::new(BUCKETS))
+}
 
 /// Every metric of one process. Cheap to clone.
 #[derive(Clone, Default)]
@@ -73,7 +131,12 @@ struct Inner {
     dead_lettered: Events,
     outbox_retried: Events,
     outbox_parked: Events,
-    handler_seconds: Family<HandlerLabels, Histogram, fn() -> Histogram>,
+    handler_seconds: Histograms<HandlerLabels>,
+    events_handled: Family<OutcomeLabels, Counter>,
+    event_seconds: Histograms<EventLabels>,
+    rpc_started: Family<Rpc, Counter>,
+    rpc_handled: Family<RpcCodeLabels, Counter>,
+    rpc_seconds: Histograms<Rpc>,
     saga_seconds: Histogram,
     probes: Mutex<Vec<Probe>>,
 }
@@ -136,7 +199,37 @@ impl Default for Inner {
                 &mut r,
                 "orderflow_handler_duration_seconds",
                 "Time to handle one delivery, database work included",
-                Family::new_with_constructor(|| Histogram::new(BUCKETS)),
+                histograms(),
+            ),
+            events_handled: register(
+                &mut r,
+                "orderflow_events_handled",
+                "Deliveries settled, by event type and outcome (ok, duplicate, retried, dead_lettered)",
+                Family::default(),
+            ),
+            event_seconds: register(
+                &mut r,
+                "orderflow_event_handling_seconds",
+                "Time from receiving a delivery to settling it, by event type, whatever the outcome",
+                histograms(),
+            ),
+            rpc_started: register(
+                &mut r,
+                "orderflow_grpc_server_started",
+                "gRPC calls started on the server",
+                Family::default(),
+            ),
+            rpc_handled: register(
+                &mut r,
+                "orderflow_grpc_server_handled",
+                "gRPC calls completed on the server, by status code (CANCELLED when the client went away first)",
+                Family::default(),
+            ),
+            rpc_seconds: register(
+                &mut r,
+                "orderflow_grpc_server_handling_seconds",
+                "Time from a gRPC call's arrival to its status; for streams, the stream's lifetime",
+                histograms(),
             ),
             saga_seconds: register(
                 &mut r,
@@ -188,8 +281,16 @@ impl Metrics {
         count(&self.inner.published, service, kind);
     }
 
-    /// `service` handled an event of `kind` in `took`.
-    pub fn consumed(&self, service: &'static str, kind: &str, queue: &str, took: Duration) {
+    /// `service` handled an event of `kind` from `queue`, `took` after receiving it; `duplicate`
+    /// when it had been handled before and nothing was applied.
+    pub fn consumed(
+        &self,
+        service: &'static str,
+        kind: &str,
+        queue: &str,
+        took: Duration,
+        duplicate: bool,
+    ) {
         count(&self.inner.consumed, service, kind);
         let labels = HandlerLabels {
             service,
@@ -199,16 +300,60 @@ impl Metrics {
             .handler_seconds
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+        let outcome = if duplicate {
+            Outcome::Duplicate
+        } else {
+            Outcome::Ok
+        };
+        self.handled(service, kind, outcome, took);
     }
 
-    /// `service` scheduled a retry of an event of `kind`.
-    pub fn retried(&self, service: &'static str, kind: &str) {
+    /// `service` scheduled a retry of an event of `kind`, `took` after receiving it.
+    pub fn retried(&self, service: &'static str, kind: &str, took: Duration) {
         count(&self.inner.retried, service, kind);
+        self.handled(service, kind, Outcome::Retried, took);
     }
 
-    /// `service` dead-lettered an event of `kind`.
-    pub fn dead_lettered(&self, service: &'static str, kind: &str) {
+    /// `service` dead-lettered an event of `kind`, `took` after receiving it.
+    pub fn dead_lettered(&self, service: &'static str, kind: &str, took: Duration) {
         count(&self.inner.dead_lettered, service, kind);
+        self.handled(service, kind, Outcome::DeadLettered, took);
+    }
+
+    fn handled(&self, service: &'static str, kind: &str, outcome: Outcome, took: Duration) {
+        let labels = OutcomeLabels {
+            service,
+            r#type: kind.to_owned(),
+            outcome: outcome.as_str(),
+        };
+        self.inner.events_handled.get_or_create(&labels).inc();
+        let labels = EventLabels {
+            service,
+            r#type: labels.r#type,
+        };
+        self.inner
+            .event_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// A gRPC call of `rpc` arrived.
+    pub fn rpc_started(&self, rpc: &Rpc) {
+        self.inner.rpc_started.get_or_create(rpc).inc();
+    }
+
+    /// A gRPC call of `rpc` ended with `code` (`OK`, `INVALID_ARGUMENT`, ...) `took` after it
+    /// arrived.
+    pub fn rpc_handled(&self, rpc: &Rpc, code: &'static str, took: Duration) {
+        let labels = RpcCodeLabels {
+            rpc: rpc.clone(),
+            grpc_code: code,
+        };
+        self.inner.rpc_handled.get_or_create(&labels).inc();
+        self.inner
+            .rpc_seconds
+            .get_or_create(rpc)
+            .observe(took.as_secs_f64());
     }
 
     /// The broker refused `service`'s publish of an event of `kind`; it is retried later.
@@ -277,7 +422,27 @@ mod tests {
             "orderflow.v1.OrderCreated",
             "ns.inventory.order-created",
             Duration::from_millis(2),
+            false,
         );
+        metrics.consumed(
+            "inventory-service",
+            "orderflow.v1.OrderCreated",
+            "ns.inventory.order-created",
+            Duration::from_millis(2),
+            true,
+        );
+        metrics.dead_lettered(
+            "payment-service",
+            "orderflow.v1.InventoryReserved",
+            Duration::from_millis(40),
+        );
+        let place = Rpc {
+            grpc_type: "unary",
+            grpc_service: "orderflow.v1.OrderService".to_owned(),
+            grpc_method: "PlaceOrder".to_owned(),
+        };
+        metrics.rpc_started(&place);
+        metrics.rpc_handled(&place, "INVALID_ARGUMENT", Duration::from_millis(3));
         for (service, backlog) in [("order-service", 3.0), ("payment-service", 0.0)] {
             metrics.probe(Box::new(move || {
                 Box::pin(async move {
@@ -328,11 +493,42 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(&format!("{handled},le=\"0.0025\"}} 1\n")),
+            text.contains(&format!("{handled},le=\"0.0025\"}} 2\n")),
             "{text}"
         );
         assert!(
-            text.contains(&format!("{handled},le=\"+Inf\"}} 1\n")),
+            text.contains(&format!("{handled},le=\"+Inf\"}} 2\n")),
+            "{text}"
+        );
+        for (outcome, n) in [("ok", 1), ("duplicate", 1)] {
+            assert!(
+                text.contains(&format!(
+                    "orderflow_events_handled_total{{service=\"inventory-service\",type=\"orderflow.v1.OrderCreated\",outcome=\"{outcome}\"}} {n}\n"
+                )),
+                "{text}"
+            );
+        }
+        assert!(text.contains(
+            "orderflow_events_handled_total{service=\"payment-service\",type=\"orderflow.v1.InventoryReserved\",outcome=\"dead_lettered\"} 1\n"
+        ));
+        assert!(text.contains(
+            "orderflow_event_handling_seconds_count{service=\"inventory-service\",type=\"orderflow.v1.OrderCreated\"} 2\n"
+        ));
+        let rpc = "grpc_type=\"unary\",grpc_service=\"orderflow.v1.OrderService\",grpc_method=\"PlaceOrder\"";
+        assert!(
+            text.contains(&format!("orderflow_grpc_server_started_total{{{rpc}}} 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "orderflow_grpc_server_handled_total{{{rpc},grpc_code=\"INVALID_ARGUMENT\"}} 1\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "orderflow_grpc_server_handling_seconds_bucket{{{rpc},le=\"0.005\"}} 1\n"
+            )),
             "{text}"
         );
         // Rows of one gauge from several probes come out together, under one HELP and TYPE.

@@ -201,7 +201,8 @@ pub async fn write(conn: &mut AnyConnection, rows: &[Staged]) -> sqlx::Result<()
     Ok(())
 }
 
-/// Outbox rows not yet published, read at scrape time.
+/// Outbox rows not yet published, and how long the oldest of them has waited, read at scrape
+/// time with one query.
 pub fn backlog_probe(service: Service, pool: sqlx::AnyPool) -> crate::metrics::Probe {
     Box::new(move || {
         let pool = pool.clone();
@@ -211,18 +212,34 @@ pub fn backlog_probe(service: Service, pool: sqlx::AnyPool) -> crate::metrics::P
             // come through.
             let backlog = tokio::time::timeout(
                 std::time::Duration::from_secs(2),
-                sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM outbox").fetch_one(&pool),
+                sqlx::query_as::<_, (i64, Option<i64>)>(
+                    "SELECT COUNT(*), MIN(created_at) FROM outbox",
+                )
+                .fetch_one(&pool),
             )
             .await;
-            match backlog {
-                Ok(Ok((n,))) => vec![(
+            let Ok(Ok((rows, oldest))) = backlog else {
+                return vec![];
+            };
+            let labels = vec![("service", service.service_name().to_owned())];
+            // Zero when empty, so "nothing waits" reads as zero rather than as no data.
+            let age = oldest.map_or(0.0, |created| {
+                (time::now_micros().saturating_sub(created)).max(0) as f64 / 1e6
+            });
+            vec![
+                (
                     "orderflow_outbox_backlog",
                     "Events committed but not yet confirmed by the broker.",
-                    vec![("service", service.service_name().to_owned())],
-                    n as f64,
-                )],
-                Ok(Err(_)) | Err(_) => vec![],
-            }
+                    labels.clone(),
+                    rows as f64,
+                ),
+                (
+                    "orderflow_outbox_oldest_age_seconds",
+                    "How long the oldest event not yet confirmed by the broker has waited.",
+                    labels,
+                    age,
+                ),
+            ]
         })
     })
 }

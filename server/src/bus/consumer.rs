@@ -29,6 +29,7 @@ use super::{
     failure::Failure,
     message::republishable,
     outcome::{Settlement, settle},
+    pause::Pause,
     propagation,
     recovery::{self, Resend},
     topology::{QueueNames, Source, header},
@@ -72,6 +73,8 @@ pub struct Settings {
     /// Fault injection: when it says so, parking a failed message fails as if the broker had
     /// refused it.
     pub refuse_park: Option<ParkFault>,
+    /// Set while the consumer holds a subscription, for `orderflow_consumer_paused`.
+    pub pause: Pause,
 }
 
 /// Decides, for fault injection, whether a park fails.
@@ -95,6 +98,7 @@ pub struct Consumer<P> {
     prefetch: u16,
     max_message_bytes: usize,
     refuse_park: Option<ParkFault>,
+    pause: Pause,
     processor: Arc<P>,
     metrics: Metrics,
 }
@@ -115,6 +119,7 @@ impl<P: Processor> Consumer<P> {
             prefetch,
             max_message_bytes,
             refuse_park,
+            pause,
         } = settings;
         Consumer {
             broker,
@@ -125,6 +130,7 @@ impl<P: Processor> Consumer<P> {
             prefetch,
             max_message_bytes,
             refuse_park,
+            pause,
             processor,
             metrics,
         }
@@ -174,6 +180,7 @@ impl<P: Processor> Consumer<P> {
             )
             .await?;
         debug!(queue = %self.queue.work, consumer.tag = %tag, "Consuming.");
+        let _subscribed = self.pause.subscribed();
 
         let mut loaded = false;
         loop {
@@ -317,6 +324,7 @@ impl<P: Processor> Consumer<P> {
                     kind,
                     &self.queue.work,
                     incoming.age(),
+                    incoming.duplicate(),
                 );
                 return Ok(Settled::AckLater);
             }
@@ -352,7 +360,8 @@ impl<P: Processor> Consumer<P> {
                         "Handling failed; retrying after a delay."
                     )
                 });
-                self.metrics.retried(self.service.service_name(), kind);
+                self.metrics
+                    .retried(self.service.service_name(), kind, incoming.age());
                 let mut copy = self.failure_copy(incoming, error);
                 copy.routing_key = self.queue.work.clone();
                 copy.exchange = exchange;
@@ -389,7 +398,7 @@ impl<P: Processor> Consumer<P> {
                     )
                 });
                 self.metrics
-                    .dead_lettered(self.service.service_name(), kind);
+                    .dead_lettered(self.service.service_name(), kind, incoming.age());
                 let mut copy = self.failure_copy(incoming, error);
                 copy.exchange = route.exchange.clone();
                 copy.routing_key = route.routing_key.clone();

@@ -142,6 +142,8 @@ pub struct Incoming {
     pub(super) delivery: Delivery,
     received_at: std::time::Instant,
     event: Option<SagaEvent>,
+    /// Set by a processor that found it handled before, for the consumer's metrics.
+    duplicate: std::sync::atomic::AtomicBool,
 }
 
 impl Incoming {
@@ -150,6 +152,7 @@ impl Incoming {
             delivery,
             received_at: std::time::Instant::now(),
             event: None,
+            duplicate: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -206,6 +209,18 @@ impl Incoming {
             .and_then(|h| h.inner().get(header::ATTEMPT))
             .and_then(as_u64)
             .map_or(1, |n| n.clamp(1, u64::from(u32::MAX)) as u32)
+    }
+
+    /// Marks it as handled before (a redelivery, or a second copy in one batch): acknowledged
+    /// with nothing applied. Only counted, under `outcome="duplicate"`.
+    pub fn mark_duplicate(&self) {
+        self.duplicate
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a processor marked it as handled before.
+    pub fn duplicate(&self) -> bool {
+        self.duplicate.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How long ago the consumer received it.

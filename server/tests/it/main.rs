@@ -11,6 +11,7 @@ mod layout;
 mod tap;
 
 mod clients;
+mod dashboard;
 mod failures;
 mod observability;
 mod otlp;
