@@ -55,6 +55,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// explicitly so the end-of-run queue depths cover exactly the retry queues declared.
 const RETRY_MAX_ATTEMPTS: u32 = 5;
 
+/// The process name of PostgreSQL's server and backends, whose CPU is the database's cost.
+const POSTGRES_COMM: &str = "postgres";
+
 #[derive(Debug, Args)]
 #[command(
     after_help = "Starts its own orderflow-server process(es) on free 127.0.0.1 ports with a fresh \
@@ -615,6 +618,8 @@ impl Bench {
             before: pids.iter().map(|(_, pid)| read(*pid)).collect(),
             broker_pid: self.broker_pid,
             broker_before: self.broker_pid.and_then(read),
+            database_before: (system == System::Orderflow && self.args.postgres.is_some())
+                .then(|| procstat::cpu_by_name(POSTGRES_COMM)),
             bench_before: procstat::read_self().ok(),
             machine_before: procstat::read_machine().ok(),
             load_before: procstat::load_average(),
@@ -686,6 +691,7 @@ impl Bench {
             max_send_lag_ms: result.max_send_lag.as_secs_f64() * 1000.0,
             processes: usage.processes,
             broker: usage.broker,
+            database: usage.database,
             bench: usage.bench,
             machine: usage.machine,
             rss_timeline: usage.timeline,
@@ -711,6 +717,8 @@ struct Watch {
     before: Vec<Option<procstat::Reading>>,
     broker_pid: Option<u32>,
     broker_before: Option<procstat::Reading>,
+    /// CPU of the PostgreSQL processes, when orderflow's state is there.
+    database_before: Option<std::collections::BTreeMap<i32, f64>>,
     bench_before: Option<procstat::Reading>,
     machine_before: Option<procstat::MachineReading>,
     load_before: Option<f64>,
@@ -724,6 +732,7 @@ struct Watch {
 struct Measured {
     processes: Vec<Usage>,
     broker: Option<Usage>,
+    database: Option<Usage>,
     bench: Usage,
     machine: report::MachineUsage,
     timeline: Vec<procstat::RssPoint>,
@@ -743,6 +752,12 @@ impl Watch {
         let broker = self
             .broker_pid
             .map(|pid| Usage::between("beam.smp", self.broker_before, procstat::read(pid).ok()));
+        let database = self.database_before.map(|before| Usage {
+            name: POSTGRES_COMM.to_owned(),
+            cpu_s: procstat::cpu_since(&before, &procstat::cpu_by_name(POSTGRES_COMM)),
+            rss_kib: None,
+            peak_rss_kib: None,
+        });
         let bench = Usage::between("bench", self.bench_before, procstat::read_self().ok());
         let machine_after = procstat::read_machine().ok();
         let wall_s = self.started.elapsed().as_secs_f64();
@@ -753,6 +768,7 @@ impl Watch {
                 let measured: f64 = processes
                     .iter()
                     .chain(&broker)
+                    .chain(&database)
                     .chain(std::iter::once(&bench))
                     .map(|u: &Usage| u.cpu_s)
                     .filter(|cpu| cpu.is_finite())
@@ -779,6 +795,7 @@ impl Watch {
         Measured {
             processes,
             broker,
+            database,
             bench,
             machine,
             timeline: self.sampler.finish().await,

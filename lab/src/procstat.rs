@@ -89,6 +89,32 @@ pub fn load_average() -> Option<f64> {
         .map(|load| f64::from(load.one))
 }
 
+/// CPU seconds so far of every process named `comm` (e.g. `postgres`: the server and one
+/// backend per connection), by pid: a database's cost is spread over all of them.
+pub fn cpu_by_name(comm: &str) -> BTreeMap<i32, f64> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return BTreeMap::new();
+    };
+    all.flatten()
+        .filter_map(|process| {
+            let stat = process.stat().ok()?;
+            (stat.comm == comm).then(|| {
+                let cpu = (stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64;
+                (process.pid, cpu)
+            })
+        })
+        .collect()
+}
+
+/// CPU seconds the processes of `after` spent since `before`; one that started in between
+/// counts whole. (One that ended in between is lost: the bench's connections stay open.)
+pub fn cpu_since(before: &BTreeMap<i32, f64>, after: &BTreeMap<i32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, cpu)| (cpu - before.get(pid).copied().unwrap_or(0.0)).max(0.0))
+        .sum()
+}
+
 /// The pid of the local RabbitMQ node, if there is exactly one; the bench only reports the
 /// broker's CPU when it can tell which process that is. `rabbitmqctl` runs a short-lived
 /// `beam.smp` of its own, so the node is recognised by its boot arguments, not the name.
@@ -185,6 +211,16 @@ pub fn rss_when_done(points: &[RssPoint], process: &str, orders: u64) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_since_counts_new_processes_whole_and_never_goes_negative() {
+        let before = BTreeMap::from([(10, 1.0), (11, 5.0)]);
+        let after = BTreeMap::from([(10, 1.5), (11, 4.0), (12, 0.25)]);
+        assert_eq!(cpu_since(&before, &after), 0.5 + 0.0 + 0.25);
+        // This very process is found by its name.
+        let me = Process::myself().unwrap().stat().unwrap().comm;
+        assert!(cpu_by_name(&me).contains_key(&Process::myself().unwrap().pid));
+    }
 
     #[test]
     fn reads_the_machine() {

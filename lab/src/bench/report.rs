@@ -162,6 +162,9 @@ pub(crate) struct Run {
     pub(crate) max_send_lag_ms: f64,
     pub(crate) processes: Vec<Usage>,
     pub(crate) broker: Option<Usage>,
+    /// PostgreSQL's processes together, when orderflow's state is there (`--postgres`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) database: Option<Usage>,
     pub(crate) bench: Usage,
     pub(crate) machine: MachineUsage,
     pub(crate) rss_timeline: Vec<RssPoint>,
@@ -370,6 +373,9 @@ impl Report {
                 .collect();
             if let Some(broker) = &run.broker {
                 usages.push(("rabbitmq (beam.smp)".to_owned(), broker));
+            }
+            if let Some(database) = &run.database {
+                usages.push(("postgresql (postgres)".to_owned(), database));
             }
             usages.push(("bench (this process)".to_owned(), &run.bench));
             let other = run.machine.other_cpu_s.map(|cpu_s| Usage {
