@@ -34,7 +34,7 @@ pub(crate) fn report(err: &anyhow::Error) -> ExitCode {
 /// The message (without the `error: ` prefix) and exit status for `err`.
 fn describe(err: &anyhow::Error) -> (String, u8) {
     if let Some(status) = err.chain().find_map(|e| e.downcast_ref::<Status>()) {
-        let name = code_name(status.code());
+        let name = orderflow_proto::grpc_code_name(status.code());
         let message = if status.message().is_empty() {
             format!("{name}: {}", status.code().description())
         } else {
@@ -55,30 +55,6 @@ fn status_exit_code(code: Code) -> u8 {
         }
         Code::Unavailable | Code::DeadlineExceeded => UNREACHABLE,
         _ => OTHER,
-    }
-}
-
-/// The canonical gRPC name (`NOT_FOUND`), which is what server logs and docs use; tonic's
-/// `Display` gives a prose description instead.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

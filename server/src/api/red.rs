@@ -190,30 +190,7 @@ impl Drop for Call {
 fn status(headers: &HeaderMap) -> Option<&'static str> {
     headers
         .get("grpc-status")
-        .map(|value| code_name(Code::from_bytes(value.as_bytes())))
-}
-
-/// The canonical name of a status code, as the gRPC specification spells it.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
+        .map(|value| orderflow_proto::grpc_code_name(Code::from_bytes(value.as_bytes())))
 }
 
 /// Every method this server can serve, by path (`/package.Service/Method`), read from the
