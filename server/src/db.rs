@@ -315,6 +315,14 @@ impl Tx {
         self.tx.commit().await
     }
 
+    /// Commits, then runs `then` before giving up the write turn: what `then` hands on (the
+    /// committed outbox rows, to the relay) reaches its reader in commit order.
+    pub async fn commit_then(self, then: impl FnOnce()) -> sqlx::Result<()> {
+        self.tx.commit().await?;
+        then();
+        Ok(())
+    }
+
     /// Rolls back and gives up the write turn once the database released its lock.
     pub async fn rollback(self) -> sqlx::Result<()> {
         self.tx.rollback().await

@@ -90,7 +90,7 @@ impl Endpoint {
             .with_management_url(settings.management_url.clone());
         stages.spawn(Stage::Connection, |stop| broker.clone().run(stop));
         let publisher = Arc::new(Publisher::new(broker.clone()));
-        let outbox = Outbox::new(service);
+        let outbox = Outbox::new(service, database.backend());
         let relay = Relay::new(
             database.clone(),
             outbox.clone(),
@@ -100,7 +100,10 @@ impl Endpoint {
             metrics.clone(),
         );
         stages.spawn(Stage::Relay, |stop| relay.run(stop));
-        metrics.probe(outbox::backlog_probe(service, database.pool().clone()));
+        metrics.probe(outbox::backlog_probe(
+            outbox.clone(),
+            database.pool().clone(),
+        ));
         let (database_up, watch_database) =
             health::watch_database(service, database.clone(), stages.token(Stage::Intake));
         stages.spawn(Stage::Intake, |_| watch_database);

@@ -17,7 +17,7 @@ use crate::{
     bus::{Event, HandleError, Incoming, Processor, nth_delay, pause::Pause, propagation},
     db::{self, Database, Tx},
     fault::Faults,
-    outbox::{self, Outbox, Staged},
+    outbox::{Outbox, Staged},
     time,
 };
 
@@ -235,14 +235,7 @@ impl<H: Handler> Inbox<H> {
                     }
                 }
             }
-            let written = outbox::write(&mut tx, &staged).await;
-            let committed = match written {
-                Ok(()) => tx.commit().await,
-                Err(error) => {
-                    let _ = tx.rollback().await;
-                    Err(error)
-                }
-            };
+            let committed = self.outbox.commit(tx, std::mem::take(&mut staged)).await;
             if let Err(error) = committed {
                 if db::is_conflict(&error) && conflicts < MAX_CONFLICT_RETRIES {
                     conflicts += 1;
@@ -254,9 +247,6 @@ impl<H: Handler> Inbox<H> {
             if self.faults.crash_after_commit() {
                 tracing::error!("Injected fault: aborting after commit, before publishing.");
                 std::process::abort();
-            }
-            if !staged.is_empty() {
-                self.outbox.wake();
             }
             for callback in after_commit {
                 callback();

@@ -1,10 +1,12 @@
-//! Transactional outbox. A service stages the events its state change causes with
-//! [`Outbox::stage`], on the same connection and in the same transaction as the change, so
-//! either both are committed or neither. The [`relay`] publishes committed rows with publisher
-//! confirms and deletes them; a crash between commit and publish only delays the publish until
-//! the relay runs again, and nothing that was rolled back is ever published. A row the broker
-//! refuses backs off on its own and is finally parked as a dead letter, never dropped.
+//! Transactional outbox. A service stages the events its state change causes ([`Staged`]
+//! rows) and [`Outbox::commit`]s them with the transaction that made the change, so either both
+//! are committed or neither. The [`relay`]
+//! publishes committed rows with publisher confirms and deletes them; a crash between commit
+//! and publish only delays the publish until the relay runs again, and nothing that was rolled
+//! back is ever published. A row the broker refuses backs off on its own and is finally parked
+//! as a dead letter, never dropped.
 
+mod feed;
 mod park;
 pub mod relay;
 mod store;
@@ -12,11 +14,13 @@ mod verdict;
 
 use std::sync::Arc;
 
+use feed::Feed;
 use sqlx::AnyConnection;
 use tokio::sync::Notify;
 
 use crate::{
     bus::{Event, propagation},
+    db::{Backend, Tx},
     service::Service,
     time,
 };
@@ -52,15 +56,19 @@ pub struct Outbox {
 struct Inner {
     service: Service,
     wake: Notify,
+    /// SQLite: committed rows go to the relay in memory ([`feed`]). PostgreSQL: every
+    /// instance's relay claims rows from the table.
+    feed: Option<Feed>,
 }
 
 impl Outbox {
-    /// The outbox of `service`.
-    pub fn new(service: Service) -> Self {
+    /// The outbox of `service`, whose database runs on `backend`.
+    pub fn new(service: Service, backend: Backend) -> Self {
         Outbox {
             inner: Arc::new(Inner {
                 service,
                 wake: Notify::new(),
+                feed: (backend == Backend::Sqlite).then(Feed::new),
             }),
         }
     }
@@ -68,21 +76,6 @@ impl Outbox {
     /// The service whose events these are.
     pub fn service(&self) -> Service {
         self.inner.service
-    }
-
-    /// Stages `event` in the caller's transaction, with `trace` as the context its publish
-    /// continues (the caller's, e.g. a group commit's); returns its message id. Inbox batches
-    /// collect [`Staged`] rows instead and [`write`] them together.
-    pub async fn stage_with_context<E: Event>(
-        &self,
-        conn: &mut AnyConnection,
-        event: &E,
-        trace: &opentelemetry::Context,
-    ) -> sqlx::Result<String> {
-        let row = Staged::new(event, trace);
-        let message_id = row.message_id.clone();
-        write(conn, &[row]).await?;
-        Ok(message_id)
     }
 
     /// Stages a message that is not one of this service's events, such as a replayed dead
@@ -111,14 +104,97 @@ impl Outbox {
         Ok(staged.rows_affected() == 1)
     }
 
-    /// Wakes the relay after a commit that staged events. A wake with nobody waiting is kept,
-    /// so a commit racing the relay's last look is never missed.
-    pub fn wake(&self) {
+    /// Hands `rows`, just committed, to the relay and wakes it.
+    fn committed(&self, rows: Vec<Staged>) {
+        if rows.is_empty() {
+            return;
+        }
+        if let Some(feed) = &self.inner.feed {
+            feed.committed(rows);
+        }
         self.inner.wake.notify_one();
+    }
+
+    /// Wakes the relay to read the table, after a commit that staged rows without handing
+    /// them over (a forwarded message). A wake with nobody waiting is kept, so a commit racing
+    /// the relay's last look is never missed.
+    pub fn wake(&self) {
+        if let Some(feed) = &self.inner.feed {
+            feed.sweep();
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Writes `staged` (this transaction's events) in `tx`, deletes the rows the broker has
+    /// confirmed since the last write (SQLite; on PostgreSQL each relay deletes its own),
+    /// commits, and hands the events to the relay. Rolls back on failure; a failed commit
+    /// (which may have taken effect all the same) makes the relay read the table.
+    pub async fn commit(&self, mut tx: Tx, staged: Vec<Staged>) -> sqlx::Result<()> {
+        let cleanup = Cleanup {
+            outbox: self,
+            message_ids: self.feed().map(Feed::take_confirmed).unwrap_or_default(),
+        };
+        let written = async {
+            store::delete(&mut tx, &cleanup.message_ids).await?;
+            write(&mut tx, &staged).await
+        }
+        .await;
+        if let Err(error) = written {
+            let _ = tx.rollback().await;
+            return Err(error);
+        }
+        // Handed over before the write turn is given up, so in commit order.
+        let committed = tx
+            .commit_then(|| {
+                cleanup.committed();
+                self.committed(staged);
+            })
+            .await;
+        if committed.is_err() {
+            self.wake();
+        }
+        committed
+    }
+
+    /// The relay's in-memory feed (SQLite).
+    fn feed(&self) -> Option<&Feed> {
+        self.inner.feed.as_ref()
+    }
+
+    /// Confirmed rows not yet deleted, which the table still counts.
+    fn confirmed_len(&self) -> usize {
+        self.inner
+            .feed
+            .as_ref()
+            .map_or(0, feed::Feed::confirmed_len)
     }
 
     async fn woken(&self) {
         self.inner.wake.notified().await;
+    }
+}
+
+/// Confirmed outbox rows a transaction deletes on its way; back to the relay's list unless
+/// the transaction commits.
+struct Cleanup<'a> {
+    outbox: &'a Outbox,
+    message_ids: Vec<String>,
+}
+
+impl Cleanup<'_> {
+    /// The transaction committed: the rows are gone.
+    fn committed(mut self) {
+        self.message_ids.clear();
+    }
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if let Some(feed) = self.outbox.feed()
+            && !self.message_ids.is_empty()
+        {
+            feed.restore(std::mem::take(&mut self.message_ids));
+        }
     }
 }
 
@@ -203,9 +279,11 @@ pub async fn write(conn: &mut AnyConnection, rows: &[Staged]) -> sqlx::Result<()
 
 /// Outbox rows not yet published, and how long the oldest of them has waited, read at scrape
 /// time with one query.
-pub fn backlog_probe(service: Service, pool: sqlx::AnyPool) -> crate::metrics::Probe {
+pub fn backlog_probe(outbox: Outbox, pool: sqlx::AnyPool) -> crate::metrics::Probe {
+    let service = outbox.service();
     Box::new(move || {
         let pool = pool.clone();
+        let outbox = outbox.clone();
         Box::pin(async move {
             // Bounded: with the database gone the pool waits for a connection far longer
             // than a scrape may take, and the other readings (database_up first) must still
@@ -221,6 +299,9 @@ pub fn backlog_probe(service: Service, pool: sqlx::AnyPool) -> crate::metrics::P
             let Ok(Ok((rows, oldest))) = backlog else {
                 return vec![];
             };
+            // Rows confirmed but not deleted yet are not waiting for the broker. (The oldest
+            // age may count one of them for the moment until its delete.)
+            let rows = (rows as usize).saturating_sub(outbox.confirmed_len());
             let labels = vec![("service", service.service_name().to_owned())];
             // Zero when empty, so "nothing waits" reads as zero rather than as no data.
             let age = oldest.map_or(0.0, |created| {

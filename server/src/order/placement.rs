@@ -116,10 +116,11 @@ impl Writer {
             Err(error) => return fail_all(batch, &error),
         };
         let mut results = Vec::with_capacity(batch.len());
+        let mut staged = Vec::with_capacity(batch.len());
         for request in &batch {
             // A reused key is found by a read before anything is written, so a refused order
             // leaves nothing behind and needs no savepoint.
-            match store::place(&mut tx, &self.outbox, &request.order, &request.trace).await {
+            match store::place(&mut tx, &mut staged, &request.order, &request.trace).await {
                 Err(PlaceError::Database(error)) => {
                     // What this order half-wrote cannot be told apart from the rest: the whole
                     // batch fails, and callers retry with their idempotency keys.
@@ -129,11 +130,9 @@ impl Writer {
                 result => results.push(result),
             }
         }
-        if let Err(error) = tx.commit().await {
+        // One statement for the whole batch's events, as each is a round trip.
+        if let Err(error) = self.outbox.commit(tx, staged).await {
             return fail_all(batch, &error);
-        }
-        if results.iter().any(|r| matches!(r, Ok(Placed::Created(_)))) {
-            self.outbox.wake();
         }
         for (result, request) in results.into_iter().zip(batch) {
             if let Ok(Placed::Created(order)) = &result {

@@ -6,7 +6,7 @@ use sqlx::{AnyConnection, AnyPool, FromRow};
 
 use super::{Change, Item, NewOrder, Order, Status};
 use crate::{
-    outbox::Outbox,
+    outbox::Staged,
     time::{self, timestamp},
 };
 
@@ -109,12 +109,13 @@ fn parse_status(s: &str) -> Result<Status, sqlx::Error> {
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown order status `{s}`").into()))
 }
 
-/// Stores a new order and stages its `OrderCreated` on `conn` (inside the caller's
-/// transaction, with the trace context `trace`), or returns the order an idempotency key
-/// already names. Nothing is durable until the caller commits.
+/// Stores a new order on `conn` (inside the caller's transaction) and adds its `OrderCreated`,
+/// with the trace context `trace`, to `staged` for the caller to write to the outbox in the
+/// same transaction; or returns the order an idempotency key already names. Nothing is
+/// durable until the caller commits.
 pub async fn place(
     conn: &mut AnyConnection,
-    outbox: &Outbox,
+    staged: &mut Vec<Staged>,
     order: &NewOrder,
     trace: &opentelemetry::Context,
 ) -> Result<Placed, PlaceError> {
@@ -181,7 +182,7 @@ pub async fn place(
             .collect(),
         created_at: Some(timestamp(now)),
     };
-    outbox.stage_with_context(conn, &event, trace).await?;
+    staged.push(Staged::new(&event, trace));
 
     Ok(Placed::Created(Order {
         order_id,

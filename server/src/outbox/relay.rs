@@ -21,6 +21,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::{
     Outbox,
+    feed::{Feed, Next},
     park::{Destination, Refused},
     store::{self, Claim, Reschedule, Row},
     verdict::{self, Verdict},
@@ -32,7 +33,7 @@ use crate::{
         recovery::{self, Resend},
         topology::Topology,
     },
-    db::{Backend, Database},
+    db::Database,
     metrics::Metrics,
     time,
 };
@@ -42,6 +43,9 @@ const BATCH: i64 = 256;
 /// How often the relay looks even when nobody woke it (e.g. rows left by a crash, or
 /// rescheduled by another instance).
 const POLL: Duration = Duration::from_secs(1);
+/// SQLite: how long confirmed rows wait for a write transaction to delete them before the
+/// relay deletes them itself.
+const IDLE_CLEAN_UP: Duration = Duration::from_millis(100);
 /// Pauses of the whole relay while the broker cannot be reached: 200 ms doubling to 5 s.
 const BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
     .with_min_delay(Duration::from_millis(200))
@@ -63,7 +67,7 @@ struct Round {
 /// The writes a round ends with, in one transaction.
 #[derive(Debug, Default)]
 struct Writes {
-    delete: Vec<i64>,
+    delete: Vec<String>,
     reschedule: Vec<Reschedule>,
 }
 
@@ -136,6 +140,13 @@ impl Relay {
         let mut failures = 0u32;
         let mut next_due: Option<Instant> = None;
         loop {
+            if let Some(feed) = self.outbox.feed()
+                && next_due.is_some_and(|due| due <= Instant::now())
+            {
+                // A row backing off is due: it is in the table only.
+                feed.sweep();
+                next_due = None;
+            }
             let mut took_some = false;
             let failure = match self.round().await {
                 Ok(round) => {
@@ -159,9 +170,12 @@ impl Relay {
             };
             let Some(error) = failure else {
                 // Nothing more due.
+                let feed = self.outbox.feed();
                 if stop.is_cancelled() {
-                    // Draining: look until a round finds nothing, as nothing wakes us now.
-                    if took_some {
+                    // Draining: look until a round finds nothing, as nothing wakes us now,
+                    // reading the table (which deletes what was confirmed).
+                    if took_some || feed.is_some_and(Feed::has_confirmed) {
+                        feed.inspect(|feed| feed.sweep());
                         continue;
                     }
                     break;
@@ -169,10 +183,17 @@ impl Relay {
                 failures = 0;
                 let now = Instant::now();
                 next_due = next_due.filter(|due| *due > now);
-                let wake_at = next_due.map_or(now + POLL, |due| due.min(now + POLL));
+                let mut wake_at = next_due.map_or(now + POLL, |due| due.min(now + POLL));
+                if feed.is_some_and(Feed::has_confirmed) {
+                    wake_at = wake_at.min(now + IDLE_CLEAN_UP);
+                }
                 tokio::select! {
                     _ = self.outbox.woken() => {}
-                    _ = tokio::time::sleep_until(wake_at) => {}
+                    _ = tokio::time::sleep_until(wake_at) => {
+                        // Nobody woke us: a row backing off is due, confirmed rows wait for a
+                        // write to delete them, or it is time for the safety look.
+                        feed.inspect(|feed| feed.sweep());
+                    }
                     _ = stop.cancelled() => {}
                 }
                 continue;
@@ -206,31 +227,38 @@ impl Relay {
 
     /// Takes up to one batch of due rows, publishes them and writes down what became of each.
     ///
-    /// SQLite: one relay per database file reads the due rows, publishes, and writes in a short
-    /// transaction (holding the file's write lock across a broker round trip would stall every
-    /// writer). PostgreSQL: every instance's relay claims rows with `FOR UPDATE SKIP LOCKED` in
-    /// a transaction that lasts until they are deleted or rescheduled, so two relays never
+    /// SQLite: the one relay of a database file takes the rows writers handed over ([`feed`]),
+    /// or sweeps the table for them; confirmed rows are deleted by the next write transaction
+    /// (or by the next sweep), refusals rescheduled in a short transaction of their own (holding
+    /// the file's write lock across a broker round trip would stall every writer).
+    /// PostgreSQL: every instance's relay claims rows with `FOR UPDATE SKIP LOCKED` in a
+    /// transaction that lasts until they are deleted or rescheduled, so two relays never
     /// publish the same row, nor count the same refusal twice.
     async fn round(&self) -> anyhow::Result<Round> {
         let now = time::now_micros();
-        match self.db.backend() {
-            Backend::Sqlite => {
-                let rows = {
-                    let mut conn = self.db.pool().acquire().await?;
-                    store::due(&mut conn, now, BATCH, Claim::Read).await?
+        match self.outbox.feed() {
+            Some(feed) => {
+                let rows: Vec<Row> = match feed.next(BATCH as usize) {
+                    Next::Rows(rows) => rows.into_iter().map(Row::from).collect(),
+                    Next::Sweep => self.sweep(feed, now).await?,
                 };
                 if rows.is_empty() {
                     return Ok(Round::default());
                 }
                 let (round, writes) = self.relay(&rows).await;
-                if writes.len() > 0 {
+                feed.confirmed(writes.delete);
+                if !writes.reschedule.is_empty() {
                     let mut tx = self.db.begin_unsynced().await?;
-                    writes.apply(&mut tx).await?;
+                    store::reschedule(&mut tx, &writes.reschedule).await?;
                     tx.commit().await?;
+                }
+                if round.outage.is_some() {
+                    // The rows not tried are in the table only now.
+                    feed.sweep();
                 }
                 Ok(round)
             }
-            Backend::Postgres => {
+            None => {
                 let mut tx = self.db.begin().await?;
                 let rows = store::due(&mut tx, now, BATCH, Claim::SkipLocked).await?;
                 if rows.is_empty() {
@@ -243,6 +271,38 @@ impl Relay {
                 Ok(round)
             }
         }
+    }
+
+    /// Deletes the confirmed rows and reads the due ones from the table, holding the write
+    /// turn so that no writer hands rows over meanwhile: what the feed held is read with the
+    /// rest.
+    async fn sweep(&self, feed: &Feed, now: i64) -> anyhow::Result<Vec<Row>> {
+        let mut tx = self.db.begin_unsynced().await?;
+        let confirmed = feed.take_confirmed();
+        let swept = async {
+            store::delete(&mut tx, &confirmed).await?;
+            store::due(&mut tx, now, BATCH, Claim::Read).await
+        }
+        .await;
+        let rows = match swept {
+            Ok(rows) => rows,
+            Err(error) => {
+                feed.restore(confirmed);
+                let _ = tx.rollback().await;
+                return Err(error.into());
+            }
+        };
+        feed.start_sweep();
+        if let Err(error) = tx.commit().await {
+            feed.restore(confirmed);
+            feed.sweep();
+            return Err(error.into());
+        }
+        if rows.len() >= BATCH as usize {
+            // More may be due than one batch: read again next round.
+            feed.sweep();
+        }
+        Ok(rows)
     }
 
     /// Publishes `rows` with confirms and decides each one's fate; parks the rows refused for
@@ -281,7 +341,7 @@ impl Relay {
                         "Published event."
                     );
                     self.metrics.published(service, &row.message_type);
-                    writes.delete.push(row.seq);
+                    writes.delete.push(row.message_id.clone());
                     continue;
                 }
                 Err(error) => error,
@@ -392,7 +452,7 @@ impl Relay {
                         "The broker kept refusing an outbox event; parked it as a dead letter."
                     );
                     self.metrics.outbox_parked(service, &row.message_type);
-                    writes.delete.push(row.seq);
+                    writes.delete.push(row.message_id.clone());
                 }
                 Err(park_error) if verdict::is_outage(&park_error) => {
                     round.outage.get_or_insert(park_error);
@@ -432,7 +492,7 @@ impl Relay {
         // Read after the wall clock, so the relay never wakes before the row is due.
         round.next_due = soonest(round.next_due, Some(Instant::now() + delay));
         Reschedule {
-            seq: row.seq,
+            message_id: row.message_id.clone(),
             attempts: attempt,
             next_attempt_at: verdict::due_at(now, delay),
             failed_at: now,

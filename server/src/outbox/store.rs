@@ -4,10 +4,11 @@
 
 use sqlx::{AnyConnection, FromRow};
 
+use super::Staged;
+
 /// One staged event, with its retry state.
 #[derive(Debug, Clone, FromRow)]
 pub(super) struct Row {
-    pub(super) seq: i64,
     pub(super) message_id: String,
     pub(super) routing_key: String,
     pub(super) message_type: String,
@@ -23,6 +24,25 @@ pub(super) struct Row {
     pub(super) exchange: Option<String>,
     /// Set for forwarded messages: their own properties (JSON).
     pub(super) properties: Option<String>,
+}
+
+impl From<Staged> for Row {
+    /// A row just committed: never tried yet.
+    fn from(staged: Staged) -> Self {
+        Row {
+            message_id: staged.message_id,
+            routing_key: staged.routing_key.to_owned(),
+            message_type: staged.message_type,
+            correlation_id: staged.correlation_id,
+            body: staged.body,
+            trace_context: staged.trace,
+            created_at: staged.created_at,
+            attempts: 0,
+            first_failed_at: None,
+            exchange: None,
+            properties: None,
+        }
+    }
 }
 
 impl Row {
@@ -55,7 +75,7 @@ pub(super) async fn due(
     limit: i64,
     claim: Claim,
 ) -> sqlx::Result<Vec<Row>> {
-    const SELECT: &str = "SELECT seq, message_id, routing_key, message_type, correlation_id, body, trace_context, created_at, attempts, first_failed_at, exchange, properties
+    const SELECT: &str = "SELECT message_id, routing_key, message_type, correlation_id, body, trace_context, created_at, attempts, first_failed_at, exchange, properties
          FROM outbox WHERE next_attempt_at <= $1 ORDER BY seq LIMIT $2";
     let sql = match claim {
         Claim::Read => SELECT.to_owned(),
@@ -68,29 +88,32 @@ pub(super) async fn due(
         .await
 }
 
-/// Deletes rows whose publish (or park) the broker confirmed. A crash before this delete
-/// republishes them, and consumers drop the duplicate by message id.
-pub(super) async fn delete(conn: &mut AnyConnection, seqs: &[i64]) -> sqlx::Result<()> {
-    if seqs.is_empty() {
-        return Ok(());
+/// Message ids per DELETE: under SQLite's oldest limit of 999 parameters.
+const IDS_PER_DELETE: usize = 500;
+
+/// Deletes rows whose publish (or park) the broker confirmed, by message id. A crash before
+/// this delete republishes them, and consumers drop the duplicate by message id.
+pub(super) async fn delete(conn: &mut AnyConnection, message_ids: &[String]) -> sqlx::Result<()> {
+    for chunk in message_ids.chunks(IDS_PER_DELETE) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "DELETE FROM outbox WHERE message_id IN ({})",
+            placeholders.join(",")
+        );
+        // One statement text per count: not worth a prepared-statement cache entry.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for id in chunk {
+            query = query.bind(id);
+        }
+        query.execute(&mut *conn).await?;
     }
-    let placeholders: Vec<String> = (1..=seqs.len()).map(|i| format!("${i}")).collect();
-    let sql = format!(
-        "DELETE FROM outbox WHERE seq IN ({})",
-        placeholders.join(",")
-    );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for seq in seqs {
-        query = query.bind(seq);
-    }
-    query.execute(conn).await?;
     Ok(())
 }
 
 /// A refused row's next try.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Reschedule {
-    pub(super) seq: i64,
+    pub(super) message_id: String,
     /// Refusals so far, this one included.
     pub(super) attempts: u32,
     /// Not before this (µs since the epoch).
@@ -105,12 +128,12 @@ pub(super) async fn reschedule(conn: &mut AnyConnection, rows: &[Reschedule]) ->
         sqlx::query(
             "UPDATE outbox SET attempts = $1, next_attempt_at = $2,
                  first_failed_at = COALESCE(first_failed_at, $3)
-             WHERE seq = $4",
+             WHERE message_id = $4",
         )
         .bind(i64::from(row.attempts))
         .bind(row.next_attempt_at)
         .bind(row.failed_at)
-        .bind(row.seq)
+        .bind(&row.message_id)
         .execute(&mut *conn)
         .await?;
     }
@@ -164,14 +187,16 @@ mod tests {
         );
 
         // `a` is refused at t=1000 and waits until t=5000: `b` and `c` come first.
-        let a = rows[0].seq;
+        let a = rows[0].message_id.clone();
         let refusal = Reschedule {
-            seq: a,
+            message_id: a.clone(),
             attempts: 1,
             next_attempt_at: 5_000,
             failed_at: 1_000,
         };
-        reschedule(&mut conn, &[refusal]).await.unwrap();
+        reschedule(&mut conn, std::slice::from_ref(&refusal))
+            .await
+            .unwrap();
         assert_eq!(
             ids(&due(&mut conn, 4_999, 2, Claim::Read).await.unwrap()),
             ["b", "c"]
@@ -195,7 +220,9 @@ mod tests {
             (2, Some(1_000))
         );
 
-        delete(&mut conn, &[a, again[1].seq]).await.unwrap();
+        delete(&mut conn, &[a, again[1].message_id.clone()])
+            .await
+            .unwrap();
         assert_eq!(
             ids(&due(&mut conn, 9_000, 10, Claim::Read).await.unwrap()),
             ["c"]
