@@ -115,22 +115,18 @@ impl Writer {
             Ok(tx) => tx,
             Err(error) => return fail_all(batch, &error),
         };
-        let mut results = Vec::with_capacity(batch.len());
         let mut staged = Vec::with_capacity(batch.len());
-        for request in &batch {
-            // A reused key is found by a read before anything is written, so a refused order
-            // leaves nothing behind and needs no savepoint.
-            match store::place(&mut tx, &mut staged, &request.order, &request.trace).await {
-                Err(PlaceError::Database(error)) => {
-                    // What this order half-wrote cannot be told apart from the rest: the whole
-                    // batch fails, and callers retry with their idempotency keys.
-                    let _ = tx.rollback().await;
-                    return fail_all(batch, &error);
-                }
-                result => results.push(result),
+        let orders: Vec<_> = batch.iter().map(|r| (&r.order, &r.trace)).collect();
+        // A reused key is found by a read before anything is written, so a refused order
+        // leaves nothing behind and needs no savepoint; a database error leaves a half-written
+        // batch, which fails as a whole (callers retry with their idempotency keys).
+        let results = match store::place(&mut tx, &orders, &mut staged).await {
+            Ok(results) => results,
+            Err(error) => {
+                let _ = tx.rollback().await;
+                return fail_all(batch, &error);
             }
-        }
-        // One statement for the whole batch's events, as each is a round trip.
+        };
         if let Err(error) = self.outbox.commit(tx, staged).await {
             return fail_all(batch, &error);
         }

@@ -1,6 +1,8 @@
 //! Order persistence: placing an order (with its `OrderCreated` in the outbox, in one
 //! transaction), reading and listing orders, reading history, and recording transitions.
 
+use std::collections::HashMap;
+
 use orderflow_proto::orderflow::v1 as pb;
 use sqlx::{AnyConnection, AnyPool, FromRow};
 
@@ -109,85 +111,94 @@ fn parse_status(s: &str) -> Result<Status, sqlx::Error> {
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown order status `{s}`").into()))
 }
 
-/// Stores a new order on `conn` (inside the caller's transaction) and adds its `OrderCreated`,
-/// with the trace context `trace`, to `staged` for the caller to write to the outbox in the
-/// same transaction; or returns the order an idempotency key already names. Nothing is
-/// durable until the caller commits.
+/// Stores new orders on `conn` (inside the caller's transaction) and adds their
+/// `OrderCreated` events, each with its request's trace context, to `staged` for the caller to
+/// write to the outbox in the same transaction. A request whose idempotency key names an order
+/// already stored, or one earlier in `orders`, gets that order instead (or `KeyReused`).
+/// The new orders go in with a few statements whatever their number, as each statement is a
+/// round trip to the database. Nothing is durable until the caller commits.
 pub async fn place(
     conn: &mut AnyConnection,
+    orders: &[(&NewOrder, &opentelemetry::Context)],
     staged: &mut Vec<Staged>,
-    order: &NewOrder,
-    trace: &opentelemetry::Context,
-) -> Result<Placed, PlaceError> {
-    let digest = order.digest();
-    if let Some(key) = &order.idempotency_key {
-        let existing: Option<(String, String)> = sqlx::query_as(
-            "SELECT order_id, request_digest FROM orders WHERE customer_id = $1 AND idempotency_key = $2",
-        )
-        .bind(&order.customer_id)
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some((order_id, existing_digest)) = existing {
-            if existing_digest != digest {
-                return Err(PlaceError::KeyReused { existing: order_id });
+) -> sqlx::Result<Vec<Result<Placed, PlaceError>>> {
+    let mut results = Vec::with_capacity(orders.len());
+    let mut created: Vec<Order> = Vec::with_capacity(orders.len());
+    let mut digests: Vec<String> = Vec::with_capacity(orders.len());
+    // Keys of this batch's new orders: (customer, key) -> index in `created`.
+    let mut keys: HashMap<(&str, &str), usize> = HashMap::new();
+    for (order, trace) in orders {
+        let digest = order.digest();
+        if let Some(key) = &order.idempotency_key {
+            if let Some(&earlier) = keys.get(&(order.customer_id.as_str(), key.as_str())) {
+                results.push(if digests[earlier] == digest {
+                    Ok(Placed::Existing(created[earlier].clone()))
+                } else {
+                    Err(PlaceError::KeyReused {
+                        existing: created[earlier].order_id.clone(),
+                    })
+                });
+                continue;
             }
-            let mut order = load(conn, &order_id)
-                .await?
-                .ok_or(sqlx::Error::RowNotFound)?;
-            order.history = history_after(conn, &order_id, 0).await?;
-            return Ok(Placed::Existing(order));
+            if let Some(found) = find_by_key(conn, &order.customer_id, key, &digest).await? {
+                results.push(found);
+                continue;
+            }
+            keys.insert((&order.customer_id, key), created.len());
         }
+        let new = new_order(order);
+        staged.push(Staged::new(&created_event(&new, order), trace));
+        results.push(Ok(Placed::Created(new.clone())));
+        created.push(new);
+        digests.push(digest);
     }
+    insert_orders(conn, &created, &digests).await?;
+    Ok(results)
+}
 
-    let now = time::now_micros();
-    let order_id = uuid::Uuid::now_v7().to_string();
-    let items: Vec<Item> = order
-        .lines
-        .iter()
-        .map(|l| Item {
-            sku: l.sku.clone(),
-            quantity: l.quantity,
-            unit_price_cents: None,
-            name: None,
-        })
-        .collect();
-    let items_json = serde_json::to_string(&items).map_err(|e| sqlx::Error::Encode(e.into()))?;
-    sqlx::query(
-        "INSERT INTO orders (order_id, customer_id, items, status, version, idempotency_key, request_digest, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8)",
+/// The order `key` already names, if any: as it is now, or `KeyReused` if its request differed.
+async fn find_by_key(
+    conn: &mut AnyConnection,
+    customer_id: &str,
+    key: &str,
+    digest: &str,
+) -> sqlx::Result<Option<Result<Placed, PlaceError>>> {
+    let existing: Option<(String, String)> = sqlx::query_as(
+        "SELECT order_id, request_digest FROM orders WHERE customer_id = $1 AND idempotency_key = $2",
     )
-    .bind(&order_id)
-    .bind(&order.customer_id)
-    .bind(&items_json)
-    .bind(Status::Pending.as_str())
-    .bind(&order.idempotency_key)
-    .bind(&digest)
-    .bind(now)
-    .bind(now)
-    .execute(&mut *conn)
+    .bind(customer_id)
+    .bind(key)
+    .fetch_optional(&mut *conn)
     .await?;
-    insert_change(conn, &order_id, 1, Status::Pending, "", now).await?;
+    let Some((order_id, existing_digest)) = existing else {
+        return Ok(None);
+    };
+    if existing_digest != digest {
+        return Ok(Some(Err(PlaceError::KeyReused { existing: order_id })));
+    }
+    let mut order = load(conn, &order_id)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
+    order.history = history_after(conn, &order_id, 0).await?;
+    Ok(Some(Ok(Placed::Existing(order))))
+}
 
-    let event = pb::OrderCreated {
-        order_id: order_id.clone(),
+/// A new PENDING order for `order`, at version 1.
+fn new_order(order: &NewOrder) -> Order {
+    let now = time::now_micros();
+    Order {
+        order_id: uuid::Uuid::now_v7().to_string(),
         customer_id: order.customer_id.clone(),
         items: order
             .lines
             .iter()
-            .map(|l| pb::OrderLine {
+            .map(|l| Item {
                 sku: l.sku.clone(),
                 quantity: l.quantity,
+                unit_price_cents: None,
+                name: None,
             })
             .collect(),
-        created_at: Some(timestamp(now)),
-    };
-    staged.push(Staged::new(&event, trace));
-
-    Ok(Placed::Created(Order {
-        order_id,
-        customer_id: order.customer_id.clone(),
-        items,
         total_cents: None,
         status: Status::Pending,
         version: 1,
@@ -203,7 +214,89 @@ pub async fn place(
             reason: String::new(),
             at: now,
         }],
-    }))
+    }
+}
+
+fn created_event(new: &Order, order: &NewOrder) -> pb::OrderCreated {
+    pb::OrderCreated {
+        order_id: new.order_id.clone(),
+        customer_id: order.customer_id.clone(),
+        items: order
+            .lines
+            .iter()
+            .map(|l| pb::OrderLine {
+                sku: l.sku.clone(),
+                quantity: l.quantity,
+            })
+            .collect(),
+        created_at: Some(timestamp(new.created_at)),
+    }
+}
+
+/// New orders per INSERT: nine parameters each stays under SQLite's oldest limit of 999.
+const ORDERS_PER_INSERT: usize = 100;
+
+/// Inserts `orders` (new, with their request digests) and their first history rows.
+async fn insert_orders(
+    conn: &mut AnyConnection,
+    orders: &[Order],
+    digests: &[String],
+) -> sqlx::Result<()> {
+    for (chunk, digests) in orders
+        .chunks(ORDERS_PER_INSERT)
+        .zip(digests.chunks(ORDERS_PER_INSERT))
+    {
+        // One statement text per row count: not worth a prepared-statement cache entry.
+        let sql = format!(
+            "INSERT INTO orders (order_id, customer_id, items, status, version, idempotency_key, request_digest, created_at, updated_at) VALUES {}",
+            placeholders(chunk.len(), 9)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for (order, digest) in chunk.iter().zip(digests) {
+            let items =
+                serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
+            query = query
+                .bind(order.order_id.clone())
+                .bind(order.customer_id.clone())
+                .bind(items)
+                .bind(Status::Pending.as_str())
+                .bind(1_i64)
+                .bind(order.idempotency_key.clone())
+                .bind(digest.clone())
+                .bind(order.created_at)
+                .bind(order.updated_at);
+        }
+        query.execute(&mut *conn).await?;
+
+        let sql = format!(
+            "INSERT INTO order_history (order_id, version, status, reason, at) VALUES {}",
+            placeholders(chunk.len(), 5)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for order in chunk {
+            query = query
+                .bind(order.order_id.clone())
+                .bind(1_i64)
+                .bind(Status::Pending.as_str())
+                .bind("")
+                .bind(order.created_at);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// `($1, …, $n), ($n+1, …)`: `rows` tuples of `columns` numbered parameters.
+fn placeholders(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let params: Vec<String> = (1..=columns)
+                .map(|column| format!("${}", row * columns + column))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One order with its full history.
@@ -403,4 +496,91 @@ pub async fn last_change_seq(pool: &AnyPool) -> sqlx::Result<i64> {
         .fetch_one(pool)
         .await?;
     Ok(seq.unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        db::{Database, DbSync, Location},
+        order::Line,
+        service::Service,
+    };
+
+    fn request(customer: &str, quantity: u32, key: Option<&str>) -> NewOrder {
+        NewOrder {
+            customer_id: customer.to_owned(),
+            lines: vec![Line {
+                sku: "KB-001".to_owned(),
+                quantity,
+            }],
+            idempotency_key: key.map(str::to_owned),
+        }
+    }
+
+    fn created(result: &Result<Placed, PlaceError>) -> &str {
+        match result {
+            Ok(Placed::Created(order)) => &order.order_id,
+            other => panic!("expected a new order, got {other:?}"),
+        }
+    }
+
+    /// Concurrent retries with one key usually land in the same batch, where the database
+    /// cannot see the first of them yet.
+    #[tokio::test]
+    async fn a_key_used_twice_in_one_batch_names_one_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(&Location::File(dir.path()), DbSync::Normal, Service::Order)
+            .await
+            .unwrap();
+        let trace = opentelemetry::Context::new();
+        let batch = [
+            request("alice", 1, Some("k")),
+            request("alice", 1, Some("k")),
+            request("alice", 2, Some("k")),
+            request("bob", 1, Some("k")),
+            request("alice", 1, None),
+        ];
+        let orders: Vec<_> = batch.iter().map(|r| (r, &trace)).collect();
+        let mut staged = Vec::new();
+        let mut tx = db.begin().await.unwrap();
+        let results = place(&mut tx, &orders, &mut staged).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let first = created(&results[0]);
+        match &results[1] {
+            Ok(Placed::Existing(order)) => assert_eq!(order.order_id, first),
+            other => panic!("a retry in the same batch gets the first order: {other:?}"),
+        }
+        match &results[2] {
+            Err(PlaceError::KeyReused { existing }) => assert_eq!(existing, first),
+            other => panic!("a different request with the key is refused: {other:?}"),
+        }
+        assert_ne!(created(&results[3]), first, "keys are per customer");
+        created(&results[4]);
+        assert_eq!(staged.len(), 3, "one OrderCreated per new order");
+
+        let (orders, history): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM orders), (SELECT COUNT(*) FROM order_history)",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert_eq!((orders, history), (3, 3));
+
+        // A later batch finds the stored order by its key.
+        let retry = request("alice", 1, Some("k"));
+        let mut tx = db.begin().await.unwrap();
+        let again = place(&mut tx, &[(&retry, &trace)], &mut Vec::new())
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        match &again[0] {
+            Ok(Placed::Existing(order)) => {
+                assert_eq!(order.order_id, first);
+                assert_eq!(order.history.len(), 1);
+            }
+            other => panic!("expected the stored order, got {other:?}"),
+        }
+    }
 }
