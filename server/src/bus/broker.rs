@@ -13,7 +13,7 @@ use futures_util::StreamExt as _;
 use lapin::{Channel, Connection, ConnectionProperties, Event, uri::AMQPUri};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     AmqpUrl, Topology,
@@ -262,6 +262,11 @@ impl Broker {
                     let close = connection.close(200, "shutting down".into());
                     match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
                         Ok(Ok(())) => {}
+                        // A consumer's channel still closing as the connection closes: the
+                        // close goes through all the same, nothing to warn about.
+                        Ok(Err(error)) if already_closing(&error) => {
+                            debug!(error = %error, "Closed the RabbitMQ connection.")
+                        }
                         Ok(Err(error)) => {
                             warn!(error = %error, "Closing the RabbitMQ connection failed.")
                         }
@@ -378,6 +383,17 @@ async fn wait_until_dead(
             }
         }
     }
+}
+
+/// Whether `error` only says a channel was already on its way out.
+fn already_closing(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::InvalidChannelState(
+            lapin::ChannelState::Closing | lapin::ChannelState::Closed,
+            _
+        )
+    )
 }
 
 #[cfg(test)]
