@@ -247,15 +247,12 @@ impl Relay {
                 }
                 let (round, writes) = self.relay(&rows).await;
                 feed.confirmed(writes.delete);
-                if !writes.reschedule.is_empty() {
-                    let mut tx = self.db.begin_unsynced().await?;
-                    store::reschedule(&mut tx, &writes.reschedule).await?;
-                    tx.commit().await?;
-                }
-                if round.outage.is_some() {
-                    // The rows not tried are in the table only now.
+                let rescheduled = self.record_refusals(&writes.reschedule).await;
+                if round.outage.is_some() || rescheduled.is_err() {
+                    // The rows not settled are in the table only now.
                     feed.sweep();
                 }
+                rescheduled?;
                 Ok(round)
             }
             None => {
@@ -271,6 +268,16 @@ impl Relay {
                 Ok(round)
             }
         }
+    }
+
+    /// Records refusals in a short transaction of their own.
+    async fn record_refusals(&self, rows: &[Reschedule]) -> sqlx::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_unsynced().await?;
+        store::reschedule(&mut tx, rows).await?;
+        tx.commit().await
     }
 
     /// Deletes the confirmed rows and reads the due ones from the table, holding the write

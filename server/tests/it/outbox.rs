@@ -156,6 +156,23 @@ async fn statuses_of(app: &TestApp, customer: &str) -> HashMap<OrderStatus, usiz
     }
 }
 
+/// Places `count` orders of one `sku` for `customer`, 16 at a time.
+async fn place_concurrently(app: &TestApp, count: usize, customer: &str, sku: &str) {
+    futures_util::stream::iter(0..count)
+        .map(|_| {
+            let mut client = app.client.clone();
+            async move {
+                client
+                    .place_order(order_request(customer, &[(sku, 1)]))
+                    .await
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("PlaceOrder succeeds");
+}
+
 /// Retried quickly, and never parked within a test: only the binding decides.
 fn quick_retries(c: &mut Config) {
     c.outbox_max_attempts = 100;
@@ -193,19 +210,7 @@ async fn two_relays_on_postgresql_hold_back_only_the_refused_events() {
 async fn holds_back_only_its_own_events(missing: &MissingBinding, app: &TestApp) {
     const REJECTED: usize = 300;
     // Orders for an unknown SKU: Inventory rejects each, and its InventoryRejected is unroutable.
-    futures_util::stream::iter(0..REJECTED)
-        .map(|_| {
-            let mut client = app.client.clone();
-            async move {
-                client
-                    .place_order(order_request("unknown", &[("NOPE", 1)]))
-                    .await
-            }
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<_>>()
-        .await
-        .expect("PlaceOrder succeeds");
+    place_concurrently(app, REJECTED, "unknown", "NOPE").await;
     eventually("every rejection waiting in Inventory's outbox", || async {
         outbox_len(app, Service::Inventory).await == REJECTED as i64
     })
@@ -249,19 +254,7 @@ async fn holds_back_only_its_own_events(missing: &MissingBinding, app: &TestApp)
 async fn under_concurrent_orders_every_event_is_published_once_and_its_row_deleted() {
     const ORDERS: usize = 80;
     let app = spawn_app_with(|c| c.metrics_addr = Some("127.0.0.1:0".parse().unwrap())).await;
-    futures_util::stream::iter(0..ORDERS)
-        .map(|_| {
-            let mut client = app.client.clone();
-            async move {
-                client
-                    .place_order(order_request("many", &[("KB-001", 1)]))
-                    .await
-            }
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<_>>()
-        .await
-        .expect("PlaceOrder succeeds");
+    place_concurrently(&app, ORDERS, "many", "KB-001").await;
     eventually("every order completed", || async {
         statuses_of(&app, "many").await == HashMap::from([(OrderStatus::Completed, ORDERS)])
     })
