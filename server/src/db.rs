@@ -371,6 +371,20 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
+/// `($1, …, $n), ($n+1, …)`: `rows` tuples of `columns` numbered parameters, for a multi-row
+/// `VALUES` list (one statement for many rows, as each statement is a round trip).
+pub fn values(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let params: Vec<String> = (1..=columns)
+                .map(|column| format!("${}", row * columns + column))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A PostgreSQL schema name for `service` in `namespace`: `<namespace>_<service>`, lower-case,
 /// `-` turned into `_`; prefixed with `of_` where PostgreSQL reserves the name (`pg_…`).
 pub fn schema_name(namespace: &str, service: Service) -> String {
@@ -399,6 +413,12 @@ mod tests {
         ))));
         assert!(!is_unavailable(&sqlx::Error::RowNotFound));
         assert!(!is_unavailable(&sqlx::Error::ColumnNotFound("x".into())));
+    }
+
+    #[test]
+    fn values_number_parameters_row_by_row() {
+        assert_eq!(values(1, 3), "($1, $2, $3)");
+        assert_eq!(values(2, 2), "($1, $2), ($3, $4)");
     }
 
     #[test]

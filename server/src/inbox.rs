@@ -266,12 +266,9 @@ impl<H: Handler> Inbox<H> {
         let now = time::now_micros();
         let mut new = HashSet::with_capacity(keys.len());
         for chunk in keys.chunks(KEYS_PER_INSERT) {
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-                .collect();
             let sql = format!(
                 "INSERT INTO inbox (queue, message_id, processed_at) VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
-                values.join(", ")
+                db::values(chunk.len(), 3)
             );
             // One statement text per batch size: not worth a prepared-statement cache entry
             // on every connection.

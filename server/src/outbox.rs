@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 use crate::{
     bus::{Event, propagation},
-    db::{Backend, Tx},
+    db::{self, Backend, Tx},
     service::Service,
     time,
 };
@@ -240,24 +240,9 @@ const ROWS_PER_INSERT: usize = 128;
 /// each statement is a round trip to the database's connection thread.
 pub async fn write(conn: &mut AnyConnection, rows: &[Staged]) -> sqlx::Result<()> {
     for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let p = i * 7;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5,
-                    p + 6,
-                    p + 7
-                )
-            })
-            .collect();
         let sql = format!(
             "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at) VALUES {}",
-            values.join(", ")
+            db::values(chunk.len(), 7)
         );
         // One statement text per row count: not worth a prepared-statement cache entry on
         // every connection.

@@ -8,6 +8,7 @@ use sqlx::{AnyConnection, AnyPool, FromRow};
 
 use super::{Change, Item, NewOrder, Order, Status};
 use crate::{
+    db,
     outbox::Staged,
     time::{self, timestamp},
 };
@@ -249,7 +250,7 @@ async fn insert_orders(
         // One statement text per row count: not worth a prepared-statement cache entry.
         let sql = format!(
             "INSERT INTO orders (order_id, customer_id, items, status, version, idempotency_key, request_digest, created_at, updated_at) VALUES {}",
-            placeholders(chunk.len(), 9)
+            db::values(chunk.len(), 9)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
         for (order, digest) in chunk.iter().zip(digests) {
@@ -270,7 +271,7 @@ async fn insert_orders(
 
         let sql = format!(
             "INSERT INTO order_history (order_id, version, status, reason, at) VALUES {}",
-            placeholders(chunk.len(), 5)
+            db::values(chunk.len(), 5)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
         for order in chunk {
@@ -284,19 +285,6 @@ async fn insert_orders(
         query.execute(&mut *conn).await?;
     }
     Ok(())
-}
-
-/// `($1, …, $n), ($n+1, …)`: `rows` tuples of `columns` numbered parameters.
-fn placeholders(rows: usize, columns: usize) -> String {
-    (0..rows)
-        .map(|row| {
-            let params: Vec<String> = (1..=columns)
-                .map(|column| format!("${}", row * columns + column))
-                .collect();
-            format!("({})", params.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// One order with its full history.
