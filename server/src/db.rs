@@ -375,12 +375,15 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
 /// `VALUES` list (one statement for many rows, as each statement is a round trip).
 pub fn values(rows: usize, columns: usize) -> String {
     (0..rows)
-        .map(|row| {
-            let params: Vec<String> = (1..=columns)
-                .map(|column| format!("${}", row * columns + column))
-                .collect();
-            format!("({})", params.join(", "))
-        })
+        .map(|row| format!("({})", params(row * columns + 1, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `$first, …, $first+count-1`: a list of numbered parameters, for `IN (…)`.
+pub fn params(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -419,6 +422,7 @@ mod tests {
     fn values_number_parameters_row_by_row() {
         assert_eq!(values(1, 3), "($1, $2, $3)");
         assert_eq!(values(2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(params(2, 3), "$2, $3, $4");
     }
 
     #[test]

@@ -80,13 +80,46 @@ impl std::fmt::Debug for Context<'_> {
 }
 
 /// A service's reaction to the messages of one queue.
+///
+/// A batch's messages are handled one after the other inside one transaction. What they read
+/// and write may be gathered per batch instead: [`Handler::prepare`] loads the rows every
+/// message of the batch needs with a few statements, [`Handler::handle`] works on those rows in
+/// memory, and [`Handler::finish`] writes the changes back with a few more. Every statement is
+/// a round trip to the database's connection thread, and under load those round trips, not
+/// the SQL, are what a message costs.
 pub trait Handler: Send + Sync + 'static {
-    /// Applies the effects of `message` through `cx`. Must not commit; may fail.
+    /// What one batch loaded and has yet to write.
+    type Batch: Default + Send;
+
+    /// Loads what `messages` need before any of them is handled. The default loads nothing.
+    fn prepare(
+        &self,
+        cx: &mut Context<'_>,
+        messages: &[&Incoming],
+    ) -> impl Future<Output = Result<Self::Batch, HandleError>> + Send {
+        let _ = (cx, messages);
+        async { Ok(Self::Batch::default()) }
+    }
+
+    /// Applies the effects of `message` through `cx` and `batch`. Must not commit; may fail,
+    /// and then the batch is applied again without it.
     fn handle(
         &self,
         cx: &mut Context<'_>,
+        batch: &mut Self::Batch,
         message: &Incoming,
     ) -> impl Future<Output = Result<(), HandleError>> + Send;
+
+    /// Writes what `batch` holds, after the last message and before the commit. The default
+    /// has nothing to write.
+    fn finish(
+        &self,
+        cx: &mut Context<'_>,
+        batch: Self::Batch,
+    ) -> impl Future<Output = Result<(), HandleError>> + Send {
+        let _ = (cx, batch);
+        async { Ok(()) }
+    }
 }
 
 /// How the inbox recognises a message it has already handled.
@@ -175,7 +208,6 @@ impl<H: Handler> Inbox<H> {
         let mut conflicts = 0;
         'attempt: loop {
             let mut tx = self.db.begin().await?;
-            let mut after_commit = Vec::new();
             let mut staged = Vec::new();
             let mut serialized = Vec::new();
             let pending = keys
@@ -186,17 +218,17 @@ impl<H: Handler> Inbox<H> {
                 Ok(new) => new,
                 Err(error) => {
                     let _ = tx.rollback().await;
-                    if db::is_conflict(&error) && conflicts < MAX_CONFLICT_RETRIES {
-                        conflicts += 1;
-                        conflict_pause(conflicts).await;
+                    if db::is_conflict(&error) && again(&mut conflicts).await {
                         continue 'attempt;
                     }
                     return Err(error.into());
                 }
             };
+            // This attempt's messages: new, not failed before, and the first of their key.
             let mut seen = HashSet::new();
-            for ((message, key), failure) in batch.iter().zip(&keys).zip(failed.iter_mut()) {
-                let Some(key) = key.as_deref().filter(|_| failure.is_none()) else {
+            let mut todo = Vec::with_capacity(batch.len());
+            for (index, (message, key)) in batch.iter().zip(&keys).enumerate() {
+                let Some(key) = key.as_deref().filter(|_| failed[index].is_none()) else {
                     continue;
                 };
                 // Recorded before (a redelivery), or twice in this batch (a republished copy).
@@ -205,41 +237,60 @@ impl<H: Handler> Inbox<H> {
                     tracing::debug!(message.id = %key, "Duplicate delivery; effects already committed.");
                     continue;
                 }
-                let span = process_span(message, &self.queue, self.outbox.service().service_name());
-                let mut cx = Context {
-                    conn: &mut tx,
-                    db: &self.db,
-                    serialized: &mut serialized,
-                    staged: &mut staged,
-                    after_commit: Vec::new(),
-                };
-                match self.apply(&mut cx, message).instrument(span.clone()).await {
-                    Ok(()) => after_commit.extend(cx.after_commit),
-                    Err(error) if is_unavailable(&error) => {
-                        // The database went away mid-batch: not this message's fault.
-                        let _ = tx.rollback().await;
-                        return Err(error.into());
-                    }
-                    Err(error) => {
-                        tx.rollback().await?;
-                        // Another instance's transaction got in the way, not this message:
-                        // run the batch again as it was.
-                        if is_conflict(&error) && conflicts < MAX_CONFLICT_RETRIES {
-                            conflicts += 1;
-                            conflict_pause(conflicts).await;
-                            continue 'attempt;
-                        }
-                        crate::telemetry::record_error(&span, error.kind(), &error);
-                        *failure = Some(error);
+                todo.push(index);
+            }
+            let mut cx = Context {
+                conn: &mut tx,
+                db: &self.db,
+                serialized: &mut serialized,
+                staged: &mut staged,
+                after_commit: Vec::new(),
+            };
+            let messages: Vec<&Incoming> = todo.iter().map(|&index| &batch[index]).collect();
+            let mut loaded = match self.handler.prepare(&mut cx, &messages).await {
+                Ok(loaded) => loaded,
+                Err(error) => {
+                    let _ = tx.rollback().await;
+                    if is_conflict(&error) && again(&mut conflicts).await {
                         continue 'attempt;
                     }
+                    return Err(error.into());
                 }
+            };
+            for index in todo {
+                let message = &batch[index];
+                let span = process_span(message, &self.queue, self.outbox.service().service_name());
+                let applied = self
+                    .apply(&mut cx, &mut loaded, message)
+                    .instrument(span.clone())
+                    .await;
+                let Err(error) = applied else { continue };
+                if is_unavailable(&error) {
+                    // The database went away mid-batch: not this message's fault.
+                    let _ = tx.rollback().await;
+                    return Err(error.into());
+                }
+                tx.rollback().await?;
+                // Another instance's transaction got in the way, not this message: run the
+                // batch again as it was.
+                if is_conflict(&error) && again(&mut conflicts).await {
+                    continue 'attempt;
+                }
+                crate::telemetry::record_error(&span, error.kind(), &error);
+                failed[index] = Some(error);
+                continue 'attempt;
             }
+            if let Err(error) = self.handler.finish(&mut cx, loaded).await {
+                let _ = tx.rollback().await;
+                if is_conflict(&error) && again(&mut conflicts).await {
+                    continue 'attempt;
+                }
+                return Err(error.into());
+            }
+            let after_commit = cx.after_commit;
             let committed = self.outbox.commit(tx, std::mem::take(&mut staged)).await;
             if let Err(error) = committed {
-                if db::is_conflict(&error) && conflicts < MAX_CONFLICT_RETRIES {
-                    conflicts += 1;
-                    conflict_pause(conflicts).await;
+                if db::is_conflict(&error) && again(&mut conflicts).await {
                     continue 'attempt;
                 }
                 return Err(error.into());
@@ -289,11 +340,16 @@ impl<H: Handler> Inbox<H> {
     }
 
     /// One new message's effects, through its handler.
-    async fn apply(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
+    async fn apply(
+        &self,
+        cx: &mut Context<'_>,
+        batch: &mut H::Batch,
+        message: &Incoming,
+    ) -> Result<(), HandleError> {
         // Injected faults act here, where a real handler failure would surface, so no domain
         // handler carries test code.
         self.faults.inject(message)?;
-        self.handler.handle(cx, message).await
+        self.handler.handle(cx, batch, message).await
     }
 }
 
@@ -303,6 +359,17 @@ const KEYS_PER_INSERT: usize = 300;
 /// Times a batch is run again after losing a conflict with another instance's transaction,
 /// before its deliveries go the usual retry way.
 const MAX_CONFLICT_RETRIES: u32 = 5;
+
+/// Counts one more lost conflict and pauses before the batch runs again; false once the batch
+/// has lost [`MAX_CONFLICT_RETRIES`].
+async fn again(conflicts: &mut u32) -> bool {
+    if *conflicts >= MAX_CONFLICT_RETRIES {
+        return false;
+    }
+    *conflicts += 1;
+    conflict_pause(*conflicts).await;
+    true
+}
 
 /// A short random pause, growing with `conflicts`, so the transactions that collided do not
 /// collide again in lockstep.

@@ -5,10 +5,12 @@
 //! - [`status`]: the state machine;
 //! - [`store`]: orders in the database;
 //! - [`handler`]: reactions to saga events and to dead letters;
+//! - [`batch`]: the orders a batch of those reactions reads and changes;
 //! - [`dead_letters`]: the namespace's dead letters, kept for people to browse and replay;
 //! - [`placement`]: group commit of new orders;
 //! - [`watch`]: wake-ups for `WatchOrder` streams, across processes.
 
+pub mod batch;
 pub mod dead_letters;
 pub mod handler;
 pub mod placement;

@@ -105,6 +105,18 @@ impl SagaEvent {
         }
     }
 
+    /// The order the event is about.
+    pub fn order_id(&self) -> &str {
+        match self {
+            SagaEvent::OrderCreated(e) => &e.order_id,
+            SagaEvent::InventoryReserved(e) => &e.order_id,
+            SagaEvent::InventoryRejected(e) => &e.order_id,
+            SagaEvent::InventoryReleased(e) => &e.order_id,
+            SagaEvent::PaymentProcessed(e) => &e.order_id,
+            SagaEvent::PaymentFailed(e) => &e.order_id,
+        }
+    }
+
     /// The failure of a handler that was given an event it does not handle: the topology bound
     /// its queue to a routing key it should not have, or a producer mislabelled a message.
     pub fn unexpected(&self, service: &str) -> HandleError {

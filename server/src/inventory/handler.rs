@@ -19,7 +19,14 @@ const MAX_LINES: usize = 100;
 pub struct InventoryHandler;
 
 impl Handler for InventoryHandler {
-    async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
+    type Batch = ();
+
+    async fn handle(
+        &self,
+        cx: &mut Context<'_>,
+        _: &mut (),
+        message: &Incoming,
+    ) -> Result<(), HandleError> {
         match message.event()? {
             SagaEvent::OrderCreated(event) => reserve(cx, event).await,
             SagaEvent::PaymentFailed(event) => release(cx, event).await,

@@ -8,9 +8,10 @@ use orderflow_proto::orderflow::v1 as pb;
 use tracing::{debug, info};
 
 use super::{
-    Item, Order, dead_letters,
+    Item, Order,
+    batch::Orders,
+    dead_letters,
     status::{Fact, Status, transitions},
-    store,
     watch::Hub,
 };
 use crate::{
@@ -35,12 +36,34 @@ impl SagaHandler {
 }
 
 impl Handler for SagaHandler {
-    async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
+    type Batch = Orders;
+
+    async fn prepare(
+        &self,
+        cx: &mut Context<'_>,
+        messages: &[&Incoming],
+    ) -> Result<Orders, HandleError> {
+        // A message that does not decode fails in `handle`, where it is its own failure.
+        let ids: Vec<&str> = messages
+            .iter()
+            .filter_map(|message| message.event().ok())
+            .map(SagaEvent::order_id)
+            .collect();
+        load(cx, &ids).await
+    }
+
+    async fn handle(
+        &self,
+        cx: &mut Context<'_>,
+        orders: &mut Orders,
+        message: &Incoming,
+    ) -> Result<(), HandleError> {
         let observers = &self.observers;
         match message.event()? {
             SagaEvent::InventoryReserved(event) => {
                 apply(
                     cx,
+                    orders,
                     observers,
                     &event.order_id,
                     Fact::Reserved,
@@ -53,35 +76,82 @@ impl Handler for SagaHandler {
             }
             SagaEvent::InventoryRejected(event) => {
                 let (order_id, detail) = (&event.order_id, &event.detail);
-                apply(cx, observers, order_id, Fact::Rejected, detail, |_| {}).await
+                apply(
+                    cx,
+                    orders,
+                    observers,
+                    order_id,
+                    Fact::Rejected,
+                    detail,
+                    |_| {},
+                )
+                .await
             }
             SagaEvent::PaymentProcessed(event) => {
-                apply(cx, observers, &event.order_id, Fact::Paid, "", |order| {
-                    price(order, &event.items, event.amount_cents);
-                    order.transaction_id = Some(event.transaction_id.clone());
-                })
+                apply(
+                    cx,
+                    orders,
+                    observers,
+                    &event.order_id,
+                    Fact::Paid,
+                    "",
+                    |order| {
+                        price(order, &event.items, event.amount_cents);
+                        order.transaction_id = Some(event.transaction_id.clone());
+                    },
+                )
                 .await
             }
             SagaEvent::PaymentFailed(event) => {
                 let (order_id, detail) = (&event.order_id, &event.detail);
-                apply(cx, observers, order_id, Fact::Declined, detail, |order| {
-                    price(order, &event.items, event.amount_cents);
-                })
+                apply(
+                    cx,
+                    orders,
+                    observers,
+                    order_id,
+                    Fact::Declined,
+                    detail,
+                    |order| {
+                        price(order, &event.items, event.amount_cents);
+                    },
+                )
                 .await
             }
-            SagaEvent::InventoryReleased(event) => record_release(cx, event).await,
+            SagaEvent::InventoryReleased(event) => record_release(cx, orders, event).await,
             other => Err(other.unexpected("Order")),
         }
     }
+
+    async fn finish(&self, cx: &mut Context<'_>, orders: Orders) -> Result<(), HandleError> {
+        write(cx, orders).await
+    }
+}
+
+/// Reads the batch's orders, locking them where other instances write too.
+async fn load(cx: &mut Context<'_>, ids: &[&str]) -> Result<Orders, HandleError> {
+    let lock = cx.for_update();
+    Orders::load(cx.conn(), ids, lock)
+        .await
+        .map_err(HandleError::transient)
+}
+
+/// Writes what the batch changed.
+async fn write(cx: &mut Context<'_>, orders: Orders) -> Result<(), HandleError> {
+    orders
+        .write(cx.conn())
+        .await
+        .map_err(HandleError::transient)
 }
 
 /// Compensation done: no status change, but the order records when its stock went back.
 async fn record_release(
     cx: &mut Context<'_>,
+    orders: &mut Orders,
     event: &pb::InventoryReleased,
 ) -> Result<(), HandleError> {
     let lock = cx.for_update();
-    let Some(mut order) = store::load_locked(cx.conn(), &event.order_id, lock)
+    let Some(mut order) = orders
+        .get(cx.conn(), &event.order_id, lock)
         .await
         .map_err(HandleError::transient)?
     else {
@@ -95,9 +165,7 @@ async fn record_release(
             t.seconds * 1_000_000 + i64::from(t.nanos) / 1000
         });
         order.stock_released_at = Some(at);
-        store::save_details(cx.conn(), &order)
-            .await
-            .map_err(HandleError::transient)?;
+        orders.save(order);
     }
     Ok(())
 }
@@ -137,7 +205,27 @@ impl DeadLetterHandler {
 }
 
 impl Handler for DeadLetterHandler {
-    async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
+    type Batch = Orders;
+
+    async fn prepare(
+        &self,
+        cx: &mut Context<'_>,
+        messages: &[&Incoming],
+    ) -> Result<Orders, HandleError> {
+        let ids: Vec<&str> = messages
+            .iter()
+            .filter_map(|message| message.correlation_id())
+            .filter(|id| !id.is_empty())
+            .collect();
+        load(cx, &ids).await
+    }
+
+    async fn handle(
+        &self,
+        cx: &mut Context<'_>,
+        orders: &mut Orders,
+        message: &Incoming,
+    ) -> Result<(), HandleError> {
         let parked = Parked::read(message, |queue| self.work_queues.contains(queue));
         dead_letters::record(cx.conn(), &parked)
             .await
@@ -149,6 +237,7 @@ impl Handler for DeadLetterHandler {
         let reason = dead_letter_reason(message);
         apply(
             cx,
+            orders,
             &self.observers,
             order_id,
             Fact::DeadLettered,
@@ -162,6 +251,10 @@ impl Handler for DeadLetterHandler {
             HandleError::Permanent(_) => Ok(()),
             transient => Err(transient),
         })
+    }
+
+    async fn finish(&self, cx: &mut Context<'_>, orders: Orders) -> Result<(), HandleError> {
+        write(cx, orders).await
     }
 }
 
@@ -193,6 +286,7 @@ fn dead_letter_reason(message: &Incoming) -> String {
 /// Moves `order_id` by `fact`, updating its data with `update` when it moves.
 async fn apply(
     cx: &mut Context<'_>,
+    orders: &mut Orders,
     observers: &Observers,
     order_id: &str,
     fact: Fact,
@@ -200,7 +294,8 @@ async fn apply(
     update: impl FnOnce(&mut Order),
 ) -> Result<(), HandleError> {
     let lock = cx.for_update();
-    let Some(mut order) = store::load_locked(cx.conn(), order_id, lock)
+    let Some(mut order) = orders
+        .get(cx.conn(), order_id, lock)
         .await
         .map_err(HandleError::transient)?
     else {
@@ -212,7 +307,8 @@ async fn apply(
         Status::InventoryReserved | Status::Completed | Status::PaymentFailed => true,
         Status::Pending | Status::Rejected => false,
         // Only a FAILED order's status does not say whether it got that far.
-        Status::Failed => store::has_reached(cx.conn(), order_id, Status::InventoryReserved)
+        Status::Failed => orders
+            .has_reached(cx.conn(), order_id, Status::InventoryReserved)
             .await
             .map_err(HandleError::transient)?,
     };
@@ -223,11 +319,9 @@ async fn apply(
         // No status change, but the fact may still carry data the order lacks (a FAILED
         // order learning its prices from a late reservation).
         if order != before {
-            store::save_details(cx.conn(), &order)
-                .await
-                .map_err(HandleError::transient)?;
+            orders.save(order);
         }
-        debug!(order.id = order_id, status = order.status.as_str(), fact = ?fact, "No status change for this fact.");
+        debug!(order.id = order_id, status = before.status.as_str(), fact = ?fact, "No status change for this fact.");
         return Ok(());
     };
     let from = order.status;
@@ -239,10 +333,9 @@ async fn apply(
     } else {
         String::new()
     };
-    let changes = store::record(cx.conn(), &order, &statuses, reason)
-        .await
-        .map_err(HandleError::transient)?;
-    let version = changes.last().map_or(order.version, |c| c.version);
+    let created_at = order.created_at;
+    let changes = orders.record(order, &statuses, reason);
+    let version = changes.last().map_or(0, |c| c.version);
     info!(
         target: "orderflow::message",
         service = "order-service",
@@ -255,9 +348,7 @@ async fn apply(
     let Observers { hub, metrics } = observers.clone();
     let order_id = order_id.to_owned();
     let saga = std::time::Duration::from_micros(
-        crate::time::now_micros()
-            .saturating_sub(order.created_at)
-            .max(0) as u64,
+        crate::time::now_micros().saturating_sub(created_at).max(0) as u64,
     );
     cx.after_commit(move || {
         hub.notify_changes(&order_id, &changes);

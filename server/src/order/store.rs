@@ -269,20 +269,21 @@ async fn insert_orders(
         }
         query.execute(&mut *conn).await?;
 
-        let sql = format!(
-            "INSERT INTO order_history (order_id, version, status, reason, at) VALUES {}",
-            db::values(chunk.len(), 5)
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
-        for order in chunk {
-            query = query
-                .bind(order.order_id.clone())
-                .bind(1_i64)
-                .bind(Status::Pending.as_str())
-                .bind("")
-                .bind(order.created_at);
-        }
-        query.execute(&mut *conn).await?;
+        let first: Vec<Change> = chunk
+            .iter()
+            .map(|order| Change {
+                version: 1,
+                status: Status::Pending,
+                reason: String::new(),
+                at: order.created_at,
+            })
+            .collect();
+        let rows: Vec<(&str, &Change)> = chunk
+            .iter()
+            .zip(&first)
+            .map(|(order, change)| (order.order_id.as_str(), change))
+            .collect();
+        insert_changes(conn, &rows).await?;
     }
     Ok(())
 }
@@ -361,52 +362,113 @@ pub async fn list(
     Ok((orders, more))
 }
 
-/// Writes the order's new state and appends one history row per status in `statuses`.
-/// Returns the rows appended, oldest first.
-pub async fn record(
-    conn: &mut AnyConnection,
-    order: &Order,
-    statuses: &[Status],
-    reason: &str,
-) -> sqlx::Result<Vec<Change>> {
-    let now = time::now_micros();
-    let mut version = order.version;
-    let mut changes = Vec::with_capacity(statuses.len());
-    for status in statuses {
-        version += 1;
-        let reason = if status.is_terminal() && *status != Status::Completed {
-            reason
-        } else {
-            ""
-        };
-        insert_change(conn, &order.order_id, version, *status, reason, now).await?;
-        changes.push(Change {
+/// The history rows that move `order` through `statuses`, at `at`: one version each, with
+/// `reason` on the failures.
+pub fn changes(order: &Order, statuses: &[Status], reason: &str, at: i64) -> Vec<Change> {
+    statuses
+        .iter()
+        .zip(order.version + 1..)
+        .map(|(&status, version)| Change {
             version,
-            status: *status,
-            reason: reason.to_owned(),
-            at: now,
-        });
-    }
-    let items = serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
-    let status = statuses.last().copied().unwrap_or(order.status);
-    sqlx::query(
-        "UPDATE orders SET items = $1, total_cents = $2, status = $3, version = $4, failure_reason = $5,
-                transaction_id = $6, stock_released_at = $7, updated_at = $8
-         WHERE order_id = $9",
-    )
-    .bind(items)
-    .bind(order.total_cents)
-    .bind(status.as_str())
-    .bind(version as i64)
-    .bind(&order.failure_reason)
-    .bind(&order.transaction_id)
-    .bind(order.stock_released_at)
-    .bind(now)
-    .bind(&order.order_id)
-    .execute(conn)
-    .await?;
-    Ok(changes)
+            status,
+            reason: if status.is_terminal() && status != Status::Completed {
+                reason.to_owned()
+            } else {
+                String::new()
+            },
+            at,
+        })
+        .collect()
 }
+
+/// Loads the orders `ids`, appending `for_update` (see [`load_locked`]). Rows are read, and on
+/// PostgreSQL locked, in `order_id` order, so two batches never wait on each other in a cycle.
+pub async fn load_many(
+    conn: &mut AnyConnection,
+    ids: &[&str],
+    for_update: &str,
+) -> sqlx::Result<Vec<Order>> {
+    let mut orders = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(IDS_PER_SELECT) {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE order_id IN ({}) ORDER BY order_id{for_update}",
+            db::params(1, chunk.len())
+        );
+        // One statement text per row count: not worth a prepared-statement cache entry.
+        let mut query = sqlx::query_as::<_, OrderRow>(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            orders.push(Order::try_from(row)?);
+        }
+    }
+    Ok(orders)
+}
+
+/// Writes the changeable columns of `orders` (as changed in memory) back, at `now`.
+pub async fn update_many(
+    conn: &mut AnyConnection,
+    orders: &[&Order],
+    now: i64,
+) -> sqlx::Result<()> {
+    for chunk in orders.chunks(ORDERS_PER_INSERT) {
+        // Both engines name a VALUES list's columns column1, column2, …
+        let sql = format!(
+            "UPDATE orders SET items = v.column2, total_cents = v.column3, status = v.column4,
+                    version = v.column5, failure_reason = v.column6, transaction_id = v.column7,
+                    stock_released_at = v.column8, updated_at = v.column9
+             FROM (VALUES {}) AS v WHERE orders.order_id = v.column1",
+            db::values(chunk.len(), 9)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for order in chunk {
+            let items =
+                serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
+            query = query
+                .bind(order.order_id.clone())
+                .bind(items)
+                .bind(order.total_cents)
+                .bind(order.status.as_str())
+                .bind(order.version as i64)
+                .bind(order.failure_reason.clone())
+                .bind(order.transaction_id.clone())
+                .bind(order.stock_released_at)
+                .bind(now);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Appends status changes, each with the id of its order.
+pub async fn insert_changes(
+    conn: &mut AnyConnection,
+    rows: &[(&str, &Change)],
+) -> sqlx::Result<()> {
+    for chunk in rows.chunks(CHANGES_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO order_history (order_id, version, status, reason, at) VALUES {}",
+            db::values(chunk.len(), 5)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for (order_id, change) in chunk {
+            query = query
+                .bind(order_id.to_string())
+                .bind(change.version as i64)
+                .bind(change.status.as_str())
+                .bind(change.reason.clone())
+                .bind(change.at);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Order ids per `IN (…)` list, and history rows per INSERT (five parameters each): both stay
+/// under SQLite's oldest limit of 999 parameters.
+const IDS_PER_SELECT: usize = 500;
+const CHANGES_PER_INSERT: usize = 150;
 
 /// Whether the order's history contains `status`.
 pub async fn has_reached(
@@ -421,45 +483,6 @@ pub async fn has_reached(
             .fetch_one(conn)
             .await?;
     Ok(reached > 0)
-}
-
-/// Writes the order's items, total and transaction without a status change.
-pub async fn save_details(conn: &mut AnyConnection, order: &Order) -> sqlx::Result<()> {
-    let items = serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
-    sqlx::query(
-        "UPDATE orders SET items = $1, total_cents = $2, transaction_id = $3, stock_released_at = $4, updated_at = $5
-         WHERE order_id = $6",
-    )
-    .bind(items)
-    .bind(order.total_cents)
-    .bind(&order.transaction_id)
-    .bind(order.stock_released_at)
-        .bind(time::now_micros())
-        .bind(&order.order_id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn insert_change(
-    conn: &mut AnyConnection,
-    order_id: &str,
-    version: u64,
-    status: Status,
-    reason: &str,
-    at: i64,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO order_history (order_id, version, status, reason, at) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(order_id)
-    .bind(version as i64)
-    .bind(status.as_str())
-    .bind(reason)
-    .bind(at)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Changes recorded after `seq` (any order), for following changes made by other processes.

@@ -25,7 +25,14 @@ impl PaymentHandler {
 }
 
 impl Handler for PaymentHandler {
-    async fn handle(&self, cx: &mut Context<'_>, message: &Incoming) -> Result<(), HandleError> {
+    type Batch = ();
+
+    async fn handle(
+        &self,
+        cx: &mut Context<'_>,
+        _: &mut (),
+        message: &Incoming,
+    ) -> Result<(), HandleError> {
         let event = match message.event()? {
             SagaEvent::InventoryReserved(event) => event,
             other => return Err(other.unexpected("Payment")),

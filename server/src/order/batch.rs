@@ -1,0 +1,115 @@
+//! The orders one batch of messages touches: read with one statement before its messages are
+//! applied, changed in memory message by message, and written back with two statements before
+//! it commits. One statement per order and event would each be a round trip to the database.
+
+use std::collections::{BTreeSet, HashMap};
+
+use sqlx::AnyConnection;
+
+use super::{Change, Order, Status, store};
+use crate::time;
+
+/// The batch's orders, as its messages have left them so far.
+#[derive(Debug, Default)]
+pub struct Orders {
+    /// Every order read so far; `None` where the database has none by that id.
+    read: HashMap<String, Option<Order>>,
+    /// Ids of the orders changed.
+    changed: BTreeSet<String>,
+    /// History rows to append, oldest first.
+    history: Vec<(String, Change)>,
+}
+
+impl Orders {
+    /// Reads the orders `ids` (duplicates allowed), appending `for_update`.
+    pub async fn load(
+        conn: &mut AnyConnection,
+        ids: &[&str],
+        for_update: &str,
+    ) -> sqlx::Result<Orders> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut read: HashMap<String, Option<Order>> =
+            ids.iter().map(|id| ((*id).to_owned(), None)).collect();
+        for order in store::load_many(conn, &ids, for_update).await? {
+            read.insert(order.order_id.clone(), Some(order));
+        }
+        Ok(Orders {
+            read,
+            ..Orders::default()
+        })
+    }
+
+    /// The order as this batch has it, read now if [`Orders::load`] was not told of it.
+    pub async fn get(
+        &mut self,
+        conn: &mut AnyConnection,
+        order_id: &str,
+        for_update: &str,
+    ) -> sqlx::Result<Option<Order>> {
+        if !self.read.contains_key(order_id) {
+            let order = store::load_locked(conn, order_id, for_update).await?;
+            self.read.insert(order_id.to_owned(), order);
+        }
+        Ok(self.read[order_id].clone())
+    }
+
+    /// Whether the order's history, this batch's changes included, contains `status`.
+    pub async fn has_reached(
+        &self,
+        conn: &mut AnyConnection,
+        order_id: &str,
+        status: Status,
+    ) -> sqlx::Result<bool> {
+        let pending = self
+            .history
+            .iter()
+            .any(|(id, change)| id == order_id && change.status == status);
+        Ok(pending || store::has_reached(conn, order_id, status).await?)
+    }
+
+    /// Keeps `order`'s new details (no status change).
+    pub fn save(&mut self, order: Order) {
+        self.changed.insert(order.order_id.clone());
+        self.read.insert(order.order_id.clone(), Some(order));
+    }
+
+    /// Moves `order` through `statuses`, with `reason` on failures; returns the history rows
+    /// appended, oldest first.
+    pub fn record(&mut self, mut order: Order, statuses: &[Status], reason: &str) -> Vec<Change> {
+        let changes = store::changes(&order, statuses, reason, time::now_micros());
+        if let Some(last) = changes.last() {
+            order.status = last.status;
+            order.version = last.version;
+        }
+        self.history.extend(
+            changes
+                .iter()
+                .map(|change| (order.order_id.clone(), change.clone())),
+        );
+        self.save(order);
+        changes
+    }
+
+    /// Writes every change of the batch.
+    pub async fn write(self, conn: &mut AnyConnection) -> sqlx::Result<()> {
+        let orders: Vec<&Order> = self
+            .changed
+            .iter()
+            .filter_map(|id| self.read.get(id).and_then(Option::as_ref))
+            .collect();
+        if !orders.is_empty() {
+            store::update_many(conn, &orders, time::now_micros()).await?;
+        }
+        if !self.history.is_empty() {
+            let rows: Vec<(&str, &Change)> = self
+                .history
+                .iter()
+                .map(|(id, change)| (id.as_str(), change))
+                .collect();
+            store::insert_changes(conn, &rows).await?;
+        }
+        Ok(())
+    }
+}
