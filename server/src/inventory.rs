@@ -4,11 +4,13 @@
 //!
 //! - [`start`]: the service's endpoint;
 //! - [`catalog`]: catalog format, demo catalog, seeding;
-//! - [`stock`]: reservations in SQLite;
+//! - [`stock`]: stock and reservations in the database;
+//! - [`ledger`]: the stock a batch of events reads and changes;
 //! - [`handler`]: reactions to events.
 
 pub mod catalog;
 pub mod handler;
+pub mod ledger;
 pub mod stock;
 
 use anyhow::Context as _;

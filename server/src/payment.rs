@@ -3,8 +3,10 @@
 //!
 //! - [`start`]: the service's endpoint;
 //! - [`handler`]: the charge, recorded with its outcome event;
+//! - [`charges`]: the charges of a batch of events, read and written together;
 //! - [`provider`]: the simulated payment provider.
 
+pub mod charges;
 pub mod handler;
 pub mod provider;
 

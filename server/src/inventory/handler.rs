@@ -4,7 +4,7 @@
 use orderflow_proto::orderflow::v1 as pb;
 use tracing::debug;
 
-use super::stock::{self, Decision};
+use super::{ledger::Ledger, stock::Decision};
 use crate::{
     bus::{HandleError, Incoming, SagaEvent},
     inbox::{Context, Handler},
@@ -19,30 +19,61 @@ const MAX_LINES: usize = 100;
 pub struct InventoryHandler;
 
 impl Handler for InventoryHandler {
-    type Batch = ();
+    type Batch = Ledger;
+
+    async fn prepare(
+        &self,
+        cx: &mut Context<'_>,
+        messages: &[&Incoming],
+    ) -> Result<Ledger, HandleError> {
+        // An order that is invalid fails in `handle`, where it is its own failure.
+        let orders: Vec<&pb::OrderCreated> = messages
+            .iter()
+            .filter_map(|message| match message.event() {
+                Ok(SagaEvent::OrderCreated(event)) if check(event).is_ok() => Some(event),
+                _ => None,
+            })
+            .collect();
+        // A batch reserves many orders' SKUs in no global order: row locks alone would let two
+        // instances' batches deadlock.
+        cx.serialize("stock").await?;
+        let lock = cx.for_update();
+        Ledger::load(cx.conn(), &orders, lock)
+            .await
+            .map_err(HandleError::transient)
+    }
 
     async fn handle(
         &self,
         cx: &mut Context<'_>,
-        _: &mut (),
+        ledger: &mut Ledger,
         message: &Incoming,
     ) -> Result<(), HandleError> {
         match message.event()? {
-            SagaEvent::OrderCreated(event) => reserve(cx, event).await,
-            SagaEvent::PaymentFailed(event) => release(cx, event).await,
+            SagaEvent::OrderCreated(event) => reserve(cx, ledger, event).await,
+            SagaEvent::PaymentFailed(event) => release(cx, ledger, event).await,
             other => Err(other.unexpected("Inventory")),
         }
+    }
+
+    async fn finish(&self, cx: &mut Context<'_>, mut ledger: Ledger) -> Result<(), HandleError> {
+        ledger
+            .write(cx.conn())
+            .await
+            .map_err(HandleError::transient)
     }
 }
 
 /// Reserves every line of a new order, or none, and stages the outcome.
-async fn reserve(cx: &mut Context<'_>, event: &pb::OrderCreated) -> Result<(), HandleError> {
+async fn reserve(
+    cx: &mut Context<'_>,
+    ledger: &mut Ledger,
+    event: &pb::OrderCreated,
+) -> Result<(), HandleError> {
     check(event)?;
-    // A batch reserves many orders' SKUs in no global order: row locks alone would let two
-    // instances' batches deadlock.
-    cx.serialize("stock").await?;
     let lock = cx.for_update();
-    match stock::reserve(cx.conn(), &event.order_id, &event.items, lock)
+    match ledger
+        .reserve(cx.conn(), &event.order_id, &event.items, lock)
         .await
         .map_err(HandleError::transient)?
     {
@@ -76,10 +107,14 @@ async fn reserve(cx: &mut Context<'_>, event: &pb::OrderCreated) -> Result<(), H
 }
 
 /// Gives back the reservation of an order whose payment failed, and stages `InventoryReleased`.
-async fn release(cx: &mut Context<'_>, event: &pb::PaymentFailed) -> Result<(), HandleError> {
-    cx.serialize("stock").await?;
+async fn release(
+    cx: &mut Context<'_>,
+    ledger: &mut Ledger,
+    event: &pb::PaymentFailed,
+) -> Result<(), HandleError> {
     let lock = cx.for_update();
-    if let Some(lines) = stock::release(cx.conn(), &event.order_id, lock)
+    if let Some(lines) = ledger
+        .release(cx.conn(), &event.order_id, lock)
         .await
         .map_err(HandleError::transient)?
     {

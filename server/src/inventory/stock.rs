@@ -3,13 +3,13 @@
 //! A reservation decrements `available` with a conditional update (`available >= quantity`), so
 //! stock can never go negative even when several instances reserve the last unit at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use orderflow_proto::orderflow::v1 as pb;
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyConnection, AnyPool};
 
-use crate::time;
+use crate::{db, time};
 
 /// One reserved line, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,83 +58,132 @@ pub enum Decision {
     AlreadyDecided,
 }
 
-/// Reserves `lines` for `order_id`, or records why not.
-/// `for_update` locks the stock rows read (PostgreSQL, where other instances reserve
-/// concurrently); rows are locked in SKU order so two reservations never deadlock.
-pub async fn reserve(
+/// A catalog row as a reservation sees it: name, unit price, units available.
+pub type Row = (String, i64, i64);
+
+/// The orders among `order_ids` that have a decision already (a redelivery, or a copy
+/// published again).
+pub async fn decided(
     conn: &mut AnyConnection,
-    order_id: &str,
-    lines: &[pb::OrderLine],
-    for_update: &str,
-) -> sqlx::Result<Decision> {
-    let decided: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM reservations WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if decided.is_some() {
-        return Ok(Decision::AlreadyDecided);
-    }
-
-    let mut catalog: HashMap<String, (String, i64, i64)> = HashMap::with_capacity(lines.len());
-    let mut in_sku_order: Vec<&pb::OrderLine> = lines.iter().collect();
-    in_sku_order.sort_by(|a, b| a.sku.cmp(&b.sku));
-    let select =
-        format!("SELECT name, price_cents, available FROM stock WHERE sku = $1{for_update}");
-    for line in in_sku_order {
-        let row: Option<(String, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(select.clone()))
-            .bind(&line.sku)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some(row) = row {
-            catalog.insert(line.sku.clone(), row);
+    order_ids: &[&str],
+) -> sqlx::Result<HashSet<String>> {
+    let mut decided = HashSet::new();
+    for chunk in order_ids.chunks(KEYS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT order_id FROM reservations WHERE order_id IN ({})",
+            db::params(1, chunk.len())
+        );
+        // One statement text per key count: not worth a prepared-statement cache entry.
+        let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for id in chunk {
+            query = query.bind(*id);
         }
+        decided.extend(
+            query
+                .fetch_all(&mut *conn)
+                .await?
+                .into_iter()
+                .map(|(id,)| id),
+        );
     }
-
-    let decision = decide(lines, &catalog);
-    let now = time::now_micros();
-    let (status, stored, total) = match &decision {
-        Decision::Reserved {
-            lines: reserved,
-            total_cents,
-        } => {
-            for line in reserved {
-                let updated = sqlx::query("UPDATE stock SET available = available - $1 WHERE sku = $2 AND available >= $1")
-                    .bind(i64::from(line.quantity))
-                    .bind(&line.sku)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                if updated != 1 {
-                    // Someone else took the stock between our read and write (only possible on a
-                    // shared database without row locks). Failing rolls the message back.
-                    return Err(sqlx::Error::Protocol(format!(
-                        "stock of {} changed concurrently",
-                        line.sku
-                    )));
-                }
-            }
-            ("reserved", reserved.clone(), *total_cents)
-        }
-        Decision::Rejected { .. } => ("rejected", Vec::new(), 0),
-        Decision::AlreadyDecided => unreachable!("decide() never returns AlreadyDecided"),
-    };
-    sqlx::query(
-        "INSERT INTO reservations (order_id, status, lines, total_cents, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(order_id)
-    .bind(status)
-    .bind(serde_json::to_string(&stored).map_err(|e| sqlx::Error::Encode(e.into()))?)
-    .bind(total)
-    .bind(now)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(decision)
+    Ok(decided)
 }
 
+/// The catalog rows of `skus` that exist. `for_update` locks them, in SKU order so two
+/// reservations never deadlock.
+pub async fn read(
+    conn: &mut AnyConnection,
+    skus: &[&str],
+    for_update: &str,
+) -> sqlx::Result<HashMap<String, Row>> {
+    let mut rows = HashMap::with_capacity(skus.len());
+    for chunk in skus.chunks(KEYS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT sku, name, price_cents, available FROM stock WHERE sku IN ({}) ORDER BY sku{for_update}",
+            db::params(1, chunk.len())
+        );
+        let mut query = sqlx::query_as::<_, (String, String, i64, i64)>(sqlx::AssertSqlSafe(sql))
+            .persistent(false);
+        for sku in chunk {
+            query = query.bind(*sku);
+        }
+        for (sku, name, price, available) in query.fetch_all(&mut *conn).await? {
+            rows.insert(sku, (name, price, available));
+        }
+    }
+    Ok(rows)
+}
+
+/// Takes `units` of each SKU, all or none: fails if any SKU has fewer available (only
+/// possible on a shared database without row locks), which rolls the batch back.
+pub async fn take(conn: &mut AnyConnection, units: &[(&str, i64)]) -> sqlx::Result<()> {
+    for chunk in units.chunks(KEYS_PER_STATEMENT / 2) {
+        // Both engines name a VALUES list's columns column1, column2, …
+        let sql = format!(
+            "UPDATE stock SET available = stock.available - v.column2 FROM (VALUES {}) AS v
+             WHERE stock.sku = v.column1 AND stock.available >= v.column2",
+            db::values(chunk.len(), 2)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for (sku, quantity) in chunk {
+            query = query.bind(*sku).bind(*quantity);
+        }
+        let updated = query.execute(&mut *conn).await?.rows_affected();
+        if updated != chunk.len() as u64 {
+            return Err(sqlx::Error::Protocol(
+                "stock changed concurrently".to_owned(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A decision to store: the order, `reserved` or `rejected`, the lines held, their total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// The order decided.
+    pub order_id: String,
+    /// `reserved` or `rejected`.
+    pub status: &'static str,
+    /// The lines held (none when rejected).
+    pub lines: Vec<ReservedLine>,
+    /// Their total.
+    pub total_cents: i64,
+}
+
+/// Stores `reservations`, at `now`.
+pub async fn insert(
+    conn: &mut AnyConnection,
+    reservations: &[Reservation],
+    now: i64,
+) -> sqlx::Result<()> {
+    for chunk in reservations.chunks(KEYS_PER_STATEMENT / 6) {
+        let sql = format!(
+            "INSERT INTO reservations (order_id, status, lines, total_cents, created_at, updated_at) VALUES {}",
+            db::values(chunk.len(), 6)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for reservation in chunk {
+            let lines = serde_json::to_string(&reservation.lines)
+                .map_err(|e| sqlx::Error::Encode(e.into()))?;
+            query = query
+                .bind(reservation.order_id.clone())
+                .bind(reservation.status)
+                .bind(lines)
+                .bind(reservation.total_cents)
+                .bind(now)
+                .bind(now);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Parameters per statement: under SQLite's oldest limit of 999.
+const KEYS_PER_STATEMENT: usize = 900;
+
 /// The decision for `lines` given the catalog rows `(name, price_cents, available)` by SKU.
-pub fn decide(lines: &[pb::OrderLine], catalog: &HashMap<String, (String, i64, i64)>) -> Decision {
+pub fn decide(lines: &[pb::OrderLine], catalog: &HashMap<String, Row>) -> Decision {
     let unknown: Vec<_> = lines
         .iter()
         .filter(|l| !catalog.contains_key(&l.sku))

@@ -4,7 +4,10 @@
 use orderflow_proto::orderflow::v1 as pb;
 use tracing::debug;
 
-use super::provider::{Charge, Provider};
+use super::{
+    charges::{Charges, Decision},
+    provider::{Charge, Provider},
+};
 use crate::{
     bus::{HandleError, Incoming, SagaEvent},
     inbox::{Context, Handler},
@@ -25,12 +28,27 @@ impl PaymentHandler {
 }
 
 impl Handler for PaymentHandler {
-    type Batch = ();
+    type Batch = Charges;
+
+    async fn prepare(
+        &self,
+        cx: &mut Context<'_>,
+        messages: &[&Incoming],
+    ) -> Result<Charges, HandleError> {
+        let ids: Vec<&str> = messages
+            .iter()
+            .filter_map(|message| message.event().ok())
+            .map(SagaEvent::order_id)
+            .collect();
+        Charges::load(cx.conn(), &ids)
+            .await
+            .map_err(HandleError::transient)
+    }
 
     async fn handle(
         &self,
         cx: &mut Context<'_>,
-        _: &mut (),
+        charges: &mut Charges,
         message: &Incoming,
     ) -> Result<(), HandleError> {
         let event = match message.event()? {
@@ -43,34 +61,27 @@ impl Handler for PaymentHandler {
             )));
         }
 
-        let charged: Option<(String,)> =
-            sqlx::query_as("SELECT status FROM payments WHERE order_id = $1")
-                .bind(&event.order_id)
-                .fetch_optional(cx.conn())
-                .await
-                .map_err(HandleError::transient)?;
-        if charged.is_some() {
+        if charges
+            .charged(cx.conn(), &event.order_id)
+            .await
+            .map_err(HandleError::transient)?
+        {
             debug!(order.id = %event.order_id, "Order already charged; its outcome is in the outbox.");
             return Ok(());
         }
 
         let charge = self.provider.charge(event.total_cents);
         let (status, transaction_id, reason) = match &charge {
-            Charge::Approved(id) => ("processed", Some(id.as_str()), ""),
-            Charge::Declined(reason) => ("declined", None, reason.as_str()),
+            Charge::Approved(id) => ("processed", Some(id.clone()), String::new()),
+            Charge::Declined(reason) => ("declined", None, reason.clone()),
         };
-        sqlx::query(
-            "INSERT INTO payments (order_id, status, amount_cents, transaction_id, reason, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&event.order_id)
-        .bind(status)
-        .bind(event.total_cents)
-        .bind(transaction_id)
-        .bind(reason)
-        .bind(time::now_micros())
-        .execute(cx.conn())
-        .await
-        .map_err(HandleError::transient)?;
+        charges.record(Decision {
+            order_id: event.order_id.clone(),
+            status,
+            amount_cents: event.total_cents,
+            transaction_id,
+            reason,
+        });
 
         match charge {
             Charge::Approved(transaction_id) => {
@@ -94,5 +105,12 @@ impl Handler for PaymentHandler {
             }
         }
         Ok(())
+    }
+
+    async fn finish(&self, cx: &mut Context<'_>, charges: Charges) -> Result<(), HandleError> {
+        charges
+            .write(cx.conn())
+            .await
+            .map_err(HandleError::transient)
     }
 }

@@ -1,0 +1,165 @@
+//! The stock and reservations one batch of messages reads and changes: read with two
+//! statements before its messages are applied, decided in memory order by order, and written
+//! back with two statements before it commits. Statements per order and SKU would each be a
+//! round trip to the database.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use orderflow_proto::orderflow::v1 as pb;
+use sqlx::AnyConnection;
+
+use super::stock::{self, Decision, Reservation, ReservedLine, Row};
+use crate::time;
+
+/// The batch's view of stock: what the database held, less what the batch reserved so far.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Orders whose decision was looked up, and those already decided (before or in this batch).
+    looked_up: HashSet<String>,
+    decided: HashSet<String>,
+    /// Catalog rows read so far, with what this batch left available.
+    catalog: HashMap<String, Row>,
+    /// SKUs looked up and not in the catalog.
+    unknown: HashSet<String>,
+    /// Units this batch took, by SKU, and its decisions, not yet written.
+    taken: BTreeMap<String, i64>,
+    reservations: Vec<Reservation>,
+}
+
+impl Ledger {
+    /// Reads what reserving `orders` needs, appending `for_update` to the stock read.
+    pub async fn load(
+        conn: &mut AnyConnection,
+        orders: &[&pb::OrderCreated],
+        for_update: &str,
+    ) -> sqlx::Result<Ledger> {
+        let mut ledger = Ledger::default();
+        let ids: Vec<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
+        ledger.look_up_orders(conn, &ids).await?;
+        let skus: Vec<&str> = orders
+            .iter()
+            .flat_map(|o| o.items.iter().map(|line| line.sku.as_str()))
+            .collect();
+        ledger.look_up_skus(conn, &skus, for_update).await?;
+        Ok(ledger)
+    }
+
+    /// Reserves `lines` for `order_id`, or records why not.
+    pub async fn reserve(
+        &mut self,
+        conn: &mut AnyConnection,
+        order_id: &str,
+        lines: &[pb::OrderLine],
+        for_update: &str,
+    ) -> sqlx::Result<Decision> {
+        self.look_up_orders(conn, &[order_id]).await?;
+        if !self.decided.insert(order_id.to_owned()) {
+            return Ok(Decision::AlreadyDecided);
+        }
+        let skus: Vec<&str> = lines.iter().map(|line| line.sku.as_str()).collect();
+        self.look_up_skus(conn, &skus, for_update).await?;
+        let decision = stock::decide(lines, &self.catalog);
+        let reservation = match &decision {
+            Decision::Reserved {
+                lines: reserved,
+                total_cents,
+            } => {
+                for line in reserved {
+                    let units = i64::from(line.quantity);
+                    if let Some(row) = self.catalog.get_mut(&line.sku) {
+                        row.2 -= units;
+                    }
+                    *self.taken.entry(line.sku.clone()).or_default() += units;
+                }
+                Reservation {
+                    order_id: order_id.to_owned(),
+                    status: "reserved",
+                    lines: reserved.clone(),
+                    total_cents: *total_cents,
+                }
+            }
+            Decision::Rejected { .. } | Decision::AlreadyDecided => Reservation {
+                order_id: order_id.to_owned(),
+                status: "rejected",
+                lines: Vec::new(),
+                total_cents: 0,
+            },
+        };
+        self.reservations.push(reservation);
+        Ok(decision)
+    }
+
+    /// Returns the stock of `order_id`'s reservation if it still holds it; `None` if there is
+    /// none to release. `for_update` locks the reservation, so two instances never release it
+    /// both.
+    pub async fn release(
+        &mut self,
+        conn: &mut AnyConnection,
+        order_id: &str,
+        for_update: &str,
+    ) -> sqlx::Result<Option<Vec<ReservedLine>>> {
+        // Released from the database, so a reservation of this batch must be there first.
+        if self.reservations.iter().any(|r| r.order_id == order_id) {
+            self.write(conn).await?;
+        }
+        let released = stock::release(conn, order_id, for_update).await?;
+        for line in released.iter().flatten() {
+            if let Some(row) = self.catalog.get_mut(&line.sku) {
+                row.2 += i64::from(line.quantity);
+            }
+        }
+        Ok(released)
+    }
+
+    /// Writes what the batch took and decided since the last write.
+    pub async fn write(&mut self, conn: &mut AnyConnection) -> sqlx::Result<()> {
+        let taken: Vec<(&str, i64)> = self
+            .taken
+            .iter()
+            .map(|(sku, units)| (sku.as_str(), *units))
+            .collect();
+        stock::take(conn, &taken).await?;
+        stock::insert(conn, &self.reservations, time::now_micros()).await?;
+        self.taken.clear();
+        self.reservations.clear();
+        Ok(())
+    }
+
+    async fn look_up_orders(&mut self, conn: &mut AnyConnection, ids: &[&str]) -> sqlx::Result<()> {
+        let new: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| self.looked_up.insert((*id).to_owned()))
+            .collect();
+        if !new.is_empty() {
+            self.decided.extend(stock::decided(conn, &new).await?);
+        }
+        Ok(())
+    }
+
+    async fn look_up_skus(
+        &mut self,
+        conn: &mut AnyConnection,
+        skus: &[&str],
+        for_update: &str,
+    ) -> sqlx::Result<()> {
+        let mut new: Vec<&str> = skus
+            .iter()
+            .copied()
+            .filter(|sku| !self.catalog.contains_key(*sku) && !self.unknown.contains(*sku))
+            .collect();
+        new.sort_unstable();
+        new.dedup();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let rows = stock::read(conn, &new, for_update).await?;
+        self.unknown.extend(
+            new.iter()
+                .filter(|sku| !rows.contains_key(**sku))
+                .map(|sku| (*sku).to_owned()),
+        );
+        self.catalog.extend(rows);
+        Ok(())
+    }
+}

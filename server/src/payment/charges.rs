@@ -1,0 +1,116 @@
+//! The charge decisions of one batch of messages: which of its orders were charged before,
+//! read with one statement before its messages are applied, and the new decisions, written
+//! with one statement before it commits. A charge is never made twice: an order charged
+//! before, or earlier in the batch, is skipped.
+
+use std::collections::HashSet;
+
+use sqlx::AnyConnection;
+
+use crate::{db, time};
+
+/// One decision to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The order charged.
+    pub order_id: String,
+    /// `processed` or `declined`.
+    pub status: &'static str,
+    /// What was charged (or refused).
+    pub amount_cents: i64,
+    /// The provider's transaction, when approved.
+    pub transaction_id: Option<String>,
+    /// Why it was declined.
+    pub reason: String,
+}
+
+/// The batch's charges.
+#[derive(Debug, Default)]
+pub struct Charges {
+    /// Orders whose charge was looked up, and those charged (before or in this batch).
+    looked_up: HashSet<String>,
+    charged: HashSet<String>,
+    /// Decisions not yet written.
+    new: Vec<Decision>,
+}
+
+impl Charges {
+    /// Reads which of `order_ids` were charged before.
+    pub async fn load(conn: &mut AnyConnection, order_ids: &[&str]) -> sqlx::Result<Charges> {
+        let mut charges = Charges::default();
+        charges.look_up(conn, order_ids).await?;
+        Ok(charges)
+    }
+
+    /// Whether `order_id` was charged, before or in this batch.
+    pub async fn charged(
+        &mut self,
+        conn: &mut AnyConnection,
+        order_id: &str,
+    ) -> sqlx::Result<bool> {
+        self.look_up(conn, &[order_id]).await?;
+        Ok(self.charged.contains(order_id))
+    }
+
+    /// Keeps `decision`, to be written with the batch.
+    pub fn record(&mut self, decision: Decision) {
+        self.charged.insert(decision.order_id.clone());
+        self.new.push(decision);
+    }
+
+    /// Writes the batch's decisions.
+    pub async fn write(self, conn: &mut AnyConnection) -> sqlx::Result<()> {
+        let now = time::now_micros();
+        for chunk in self.new.chunks(DECISIONS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO payments (order_id, status, amount_cents, transaction_id, reason, created_at) VALUES {}",
+                db::values(chunk.len(), 6)
+            );
+            // One statement text per row count: not worth a prepared-statement cache entry.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+            for decision in chunk {
+                query = query
+                    .bind(decision.order_id.clone())
+                    .bind(decision.status)
+                    .bind(decision.amount_cents)
+                    .bind(decision.transaction_id.clone())
+                    .bind(decision.reason.clone())
+                    .bind(now);
+            }
+            query.execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
+    async fn look_up(&mut self, conn: &mut AnyConnection, order_ids: &[&str]) -> sqlx::Result<()> {
+        let new: Vec<&str> = order_ids
+            .iter()
+            .copied()
+            .filter(|id| self.looked_up.insert((*id).to_owned()))
+            .collect();
+        for chunk in new.chunks(IDS_PER_SELECT) {
+            let sql = format!(
+                "SELECT order_id FROM payments WHERE order_id IN ({})",
+                db::params(1, chunk.len())
+            );
+            let mut query =
+                sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            self.charged.extend(
+                query
+                    .fetch_all(&mut *conn)
+                    .await?
+                    .into_iter()
+                    .map(|(id,)| id),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Decisions per INSERT (six parameters each) and ids per `IN (…)` list: both stay under
+/// SQLite's oldest limit of 999 parameters.
+const DECISIONS_PER_INSERT: usize = 150;
+const IDS_PER_SELECT: usize = 900;
