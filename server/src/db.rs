@@ -403,6 +403,17 @@ pub fn schema_name(namespace: &str, service: Service) -> String {
     }
 }
 
+/// `service`'s database, with its real schema, on SQLite in a directory of its own (removed
+/// with the returned guard): for unit tests of the stores.
+#[cfg(test)]
+pub async fn scratch(service: Service) -> (tempfile::TempDir, Database) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let db = Database::open(&Location::File(dir.path()), DbSync::Normal, service)
+        .await
+        .expect("opening a scratch database");
+    (dir, db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -163,3 +163,98 @@ impl Ledger {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{db, service::Service};
+
+    fn order(id: &str, sku: &str, quantity: u32) -> pb::OrderCreated {
+        pb::OrderCreated {
+            order_id: id.into(),
+            items: vec![pb::OrderLine {
+                sku: sku.into(),
+                quantity,
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Orders of one batch compete for stock as if each had its own transaction: the second
+    /// sees what the first took, a copy of the first is not decided again, and the writes
+    /// land together.
+    #[tokio::test]
+    async fn a_batch_decides_its_orders_one_after_the_other() {
+        let (_dir, db) = db::scratch(Service::Inventory).await;
+        sqlx::query(
+            "INSERT INTO stock (sku, name, price_cents, available) VALUES ('A', 'Apple', 100, 3)",
+        )
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let batch = [
+            order("o1", "A", 2),
+            order("o2", "A", 2),
+            order("o3", "Z", 1),
+        ];
+        let refs: Vec<&pb::OrderCreated> = batch.iter().collect();
+
+        let mut tx = db.begin().await.unwrap();
+        let mut ledger = Ledger::load(&mut tx, &refs, "").await.unwrap();
+        let mut decisions = Vec::new();
+        for o in batch.iter().chain([&batch[0]]) {
+            decisions.push(
+                ledger
+                    .reserve(&mut tx, &o.order_id, &o.items, "")
+                    .await
+                    .unwrap(),
+            );
+        }
+        ledger.write(&mut tx).await.unwrap();
+        tx.commit().await.unwrap();
+
+        assert!(matches!(
+            decisions[0],
+            Decision::Reserved {
+                total_cents: 200,
+                ..
+            }
+        ));
+        let Decision::Rejected { shortfalls, .. } = &decisions[1] else {
+            panic!("the second order finds one unit left: {:?}", decisions[1]);
+        };
+        assert_eq!(shortfalls[0].available, 1);
+        assert!(matches!(
+            &decisions[2],
+            Decision::Rejected { reason, .. } if *reason == pb::RejectionReason::UnknownSku
+        ));
+        assert_eq!(decisions[3], Decision::AlreadyDecided);
+        assert_eq!(stock::levels(db.pool()).await.unwrap()["A"], 1);
+        let (reservations,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM reservations")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(reservations, 3);
+
+        // A later batch knows the stored decisions and returns the units of a release.
+        let mut tx = db.begin().await.unwrap();
+        let mut ledger = Ledger::load(&mut tx, &refs[..1], "").await.unwrap();
+        assert_eq!(
+            ledger
+                .reserve(&mut tx, "o1", &batch[0].items, "")
+                .await
+                .unwrap(),
+            Decision::AlreadyDecided
+        );
+        let released = ledger.release(&mut tx, "o1", "").await.unwrap().unwrap();
+        assert_eq!(released[0].quantity, 2);
+        let again = ledger
+            .reserve(&mut tx, "o4", &order("o4", "A", 3).items, "")
+            .await
+            .unwrap();
+        assert!(matches!(again, Decision::Reserved { .. }), "{again:?}");
+        ledger.write(&mut tx).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(stock::levels(db.pool()).await.unwrap()["A"], 0);
+    }
+}

@@ -113,3 +113,79 @@ impl Orders {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        db,
+        order::{Line, NewOrder, store::Placed},
+        service::Service,
+    };
+
+    /// Two events about one order in one batch: the second sees the first's change, and both
+    /// history rows land with consecutive versions.
+    #[tokio::test]
+    async fn a_batch_sees_its_own_changes_and_writes_them_all() {
+        let (_dir, db) = db::scratch(Service::Order).await;
+        let request = NewOrder {
+            customer_id: "alice".into(),
+            lines: vec![Line {
+                sku: "KB-001".into(),
+                quantity: 1,
+            }],
+            idempotency_key: None,
+        };
+        let trace = opentelemetry::Context::new();
+        let mut tx = db.begin().await.unwrap();
+        let placed = store::place(&mut tx, &[(&request, &trace)], &mut Vec::new())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let Ok(Placed::Created(order)) = &placed[0] else {
+            panic!("{placed:?}")
+        };
+        let id = order.order_id.as_str();
+
+        let mut tx = db.begin().await.unwrap();
+        let mut orders = Orders::load(&mut tx, &[id, id, "unknown"], "")
+            .await
+            .unwrap();
+        assert!(orders.get(&mut tx, "unknown", "").await.unwrap().is_none());
+        let order = orders.get(&mut tx, id, "").await.unwrap().unwrap();
+        orders.record(order, &[Status::InventoryReserved], "");
+        assert!(
+            orders
+                .has_reached(&mut tx, id, Status::InventoryReserved)
+                .await
+                .unwrap()
+        );
+        let mut order = orders.get(&mut tx, id, "").await.unwrap().unwrap();
+        assert_eq!(
+            (order.status, order.version),
+            (Status::InventoryReserved, 2)
+        );
+        order.transaction_id = Some("tx-1".into());
+        let changes = orders.record(order, &[Status::Completed], "");
+        assert_eq!(changes[0].version, 3);
+        orders.write(&mut tx).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let stored = store::get(db.pool(), id).await.unwrap().unwrap();
+        assert_eq!((stored.status, stored.version), (Status::Completed, 3));
+        assert_eq!(stored.transaction_id.as_deref(), Some("tx-1"));
+        let history: Vec<(u64, Status)> = stored
+            .history
+            .iter()
+            .map(|c| (c.version, c.status))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                (1, Status::Pending),
+                (2, Status::InventoryReserved),
+                (3, Status::Completed)
+            ]
+        );
+    }
+}

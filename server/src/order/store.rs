@@ -512,11 +512,7 @@ pub async fn last_change_seq(pool: &AnyPool) -> sqlx::Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        db::{Database, DbSync, Location},
-        order::Line,
-        service::Service,
-    };
+    use crate::{db, order::Line, service::Service};
 
     fn request(customer: &str, quantity: u32, key: Option<&str>) -> NewOrder {
         NewOrder {
@@ -540,10 +536,7 @@ mod tests {
     /// cannot see the first of them yet.
     #[tokio::test]
     async fn a_key_used_twice_in_one_batch_names_one_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(&Location::File(dir.path()), DbSync::Normal, Service::Order)
-            .await
-            .unwrap();
+        let (_dir, db) = db::scratch(Service::Order).await;
         let trace = opentelemetry::Context::new();
         let batch = [
             request("alice", 1, Some("k")),

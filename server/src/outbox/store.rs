@@ -143,10 +143,7 @@ pub(super) async fn reschedule(conn: &mut AnyConnection, rows: &[Reschedule]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        db::{Database, DbSync, Location},
-        service::Service,
-    };
+    use crate::{db, service::Service};
 
     async fn stage(conn: &mut AnyConnection, id: &str) {
         sqlx::query(
@@ -167,10 +164,7 @@ mod tests {
     /// The real schema (migrations included) on SQLite, in a directory of its own.
     #[tokio::test]
     async fn rows_backing_off_are_skipped_until_due_and_keep_their_first_failure() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(&Location::File(dir.path()), DbSync::Normal, Service::Order)
-            .await
-            .unwrap();
+        let (_dir, db) = db::scratch(Service::Order).await;
         let mut conn = db.pool().acquire().await.unwrap();
         for id in ["a", "b", "c"] {
             stage(&mut conn, id).await;

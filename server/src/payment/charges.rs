@@ -114,3 +114,49 @@ impl Charges {
 /// SQLite's oldest limit of 999 parameters.
 const DECISIONS_PER_INSERT: usize = 150;
 const IDS_PER_SELECT: usize = 900;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::Service;
+
+    fn approved(order_id: &str) -> Decision {
+        Decision {
+            order_id: order_id.into(),
+            status: "processed",
+            amount_cents: 100,
+            transaction_id: Some(format!("tx-{order_id}")),
+            reason: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_order_is_charged_once_within_a_batch_and_across_batches() {
+        let (_dir, db) = db::scratch(Service::Payment).await;
+        let mut tx = db.begin().await.unwrap();
+        let mut charges = Charges::load(&mut tx, &["a", "b"]).await.unwrap();
+        assert!(!charges.charged(&mut tx, "a").await.unwrap());
+        charges.record(approved("a"));
+        assert!(
+            charges.charged(&mut tx, "a").await.unwrap(),
+            "a copy later in the batch"
+        );
+        assert!(
+            !charges.charged(&mut tx, "c").await.unwrap(),
+            "an order prepare did not see"
+        );
+        charges.record(approved("c"));
+        charges.write(&mut tx).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let mut tx = db.begin().await.unwrap();
+        let mut charges = Charges::load(&mut tx, &["a", "b", "c"]).await.unwrap();
+        for (order, charged) in [("a", true), ("b", false), ("c", true)] {
+            assert_eq!(
+                charges.charged(&mut tx, order).await.unwrap(),
+                charged,
+                "{order}"
+            );
+        }
+    }
+}
