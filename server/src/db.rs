@@ -51,6 +51,16 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The engine behind `conn`.
+    pub fn of(conn: &AnyConnection) -> Backend {
+        match conn.backend_name() {
+            "PostgreSQL" => Backend::Postgres,
+            _ => Backend::Sqlite,
+        }
+    }
+}
+
 /// Where a service keeps its state.
 #[derive(Debug, Clone)]
 pub enum Location<'a> {
@@ -371,19 +381,29 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
-/// `($1, …, $n), ($n+1, …)`: `rows` tuples of `columns` numbered parameters, for a multi-row
-/// `VALUES` list (one statement for many rows, as each statement is a round trip).
-pub fn values(rows: usize, columns: usize) -> String {
+/// `($1, …, $n), ($n+1, …)`: `rows` tuples of `columns` parameters, for a multi-row `VALUES`
+/// list (one statement for many rows, as each statement is a round trip). See [`params`].
+pub fn values(backend: Backend, rows: usize, columns: usize) -> String {
     (0..rows)
-        .map(|row| format!("({})", params(row * columns + 1, columns)))
+        .map(|row| format!("({})", numbered(backend, row * columns + 1, columns)))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-/// `$first, …, $first+count-1`: a list of numbered parameters, for `IN (…)`.
-pub fn params(first: usize, count: usize) -> String {
+/// `$1, …, $count`: a list of parameters, for `IN (…)`. Only for a statement whose parameters
+/// are all in the list, in order: on SQLite the list is of bare `?`s, which SQLite numbers by
+/// position. It reads `$n` as a name instead, and looks each one up among the names before it,
+/// which in a statement of hundreds of parameters costs more than the statement itself.
+pub fn params(backend: Backend, count: usize) -> String {
+    numbered(backend, 1, count)
+}
+
+fn numbered(backend: Backend, first: usize, count: usize) -> String {
     (first..first + count)
-        .map(|n| format!("${n}"))
+        .map(|n| match backend {
+            Backend::Sqlite => "?".to_owned(),
+            Backend::Postgres => format!("${n}"),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -431,9 +451,11 @@ mod tests {
 
     #[test]
     fn values_number_parameters_row_by_row() {
-        assert_eq!(values(1, 3), "($1, $2, $3)");
-        assert_eq!(values(2, 2), "($1, $2), ($3, $4)");
-        assert_eq!(params(2, 3), "$2, $3, $4");
+        assert_eq!(values(Backend::Postgres, 1, 3), "($1, $2, $3)");
+        assert_eq!(values(Backend::Postgres, 2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(values(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
+        assert_eq!(params(Backend::Postgres, 3), "$1, $2, $3");
+        assert_eq!(params(Backend::Sqlite, 2), "?, ?");
     }
 
     #[test]

@@ -319,7 +319,7 @@ impl<H: Handler> Inbox<H> {
         for chunk in keys.chunks(KEYS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO inbox (queue, message_id, processed_at) VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
-                db::values(chunk.len(), 3)
+                db::values(self.db.backend(), chunk.len(), 3)
             );
             // One statement text per batch size: not worth a prepared-statement cache entry
             // on every connection.

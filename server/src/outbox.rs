@@ -242,7 +242,7 @@ pub async fn write(conn: &mut AnyConnection, rows: &[Staged]) -> sqlx::Result<()
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let sql = format!(
             "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at) VALUES {}",
-            db::values(chunk.len(), 7)
+            db::values(db::Backend::of(conn), chunk.len(), 7)
         );
         // One statement text per row count: not worth a prepared-statement cache entry on
         // every connection.

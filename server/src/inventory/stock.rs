@@ -71,7 +71,7 @@ pub async fn decided(
     for chunk in order_ids.chunks(KEYS_PER_STATEMENT) {
         let sql = format!(
             "SELECT order_id FROM reservations WHERE order_id IN ({})",
-            db::params(1, chunk.len())
+            db::params(db::Backend::of(conn), chunk.len())
         );
         // One statement text per key count: not worth a prepared-statement cache entry.
         let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
@@ -100,7 +100,7 @@ pub async fn read(
     for chunk in skus.chunks(KEYS_PER_STATEMENT) {
         let sql = format!(
             "SELECT sku, name, price_cents, available FROM stock WHERE sku IN ({}) ORDER BY sku{for_update}",
-            db::params(1, chunk.len())
+            db::params(db::Backend::of(conn), chunk.len())
         );
         let mut query = sqlx::query_as::<_, (String, String, i64, i64)>(sqlx::AssertSqlSafe(sql))
             .persistent(false);
@@ -122,7 +122,7 @@ pub async fn take(conn: &mut AnyConnection, units: &[(&str, i64)]) -> sqlx::Resu
         let sql = format!(
             "UPDATE stock SET available = stock.available - v.column2 FROM (VALUES {}) AS v
              WHERE stock.sku = v.column1 AND stock.available >= v.column2",
-            db::values(chunk.len(), 2)
+            db::values(db::Backend::of(conn), chunk.len(), 2)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
         for (sku, quantity) in chunk {
@@ -160,7 +160,7 @@ pub async fn insert(
     for chunk in reservations.chunks(KEYS_PER_STATEMENT / 6) {
         let sql = format!(
             "INSERT INTO reservations (order_id, status, lines, total_cents, created_at, updated_at) VALUES {}",
-            db::values(chunk.len(), 6)
+            db::values(db::Backend::of(conn), chunk.len(), 6)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
         for reservation in chunk {

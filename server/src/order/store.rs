@@ -250,7 +250,7 @@ async fn insert_orders(
         // One statement text per row count: not worth a prepared-statement cache entry.
         let sql = format!(
             "INSERT INTO orders (order_id, customer_id, items, status, version, idempotency_key, request_digest, created_at, updated_at) VALUES {}",
-            db::values(chunk.len(), 9)
+            db::values(db::Backend::of(conn), chunk.len(), 9)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
         for (order, digest) in chunk.iter().zip(digests) {
@@ -392,7 +392,7 @@ pub async fn load_many(
     for chunk in ids.chunks(IDS_PER_SELECT) {
         let sql = format!(
             "SELECT {ORDER_COLUMNS} FROM orders WHERE order_id IN ({}) ORDER BY order_id{for_update}",
-            db::params(1, chunk.len())
+            db::params(db::Backend::of(conn), chunk.len())
         );
         // One statement text per row count: not worth a prepared-statement cache entry.
         let mut query = sqlx::query_as::<_, OrderRow>(sqlx::AssertSqlSafe(sql)).persistent(false);
@@ -419,7 +419,7 @@ pub async fn update_many(
                     version = v.column5, failure_reason = v.column6, transaction_id = v.column7,
                     stock_released_at = v.column8, updated_at = v.column9
              FROM (VALUES {}) AS v WHERE orders.order_id = v.column1",
-            db::values(chunk.len(), 9)
+            db::values(db::Backend::of(conn), chunk.len(), 9)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
         for order in chunk {
@@ -449,7 +449,7 @@ pub async fn insert_changes(
     for chunk in rows.chunks(CHANGES_PER_INSERT) {
         let sql = format!(
             "INSERT INTO order_history (order_id, version, status, reason, at) VALUES {}",
-            db::values(chunk.len(), 5)
+            db::values(db::Backend::of(conn), chunk.len(), 5)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
         for (order_id, change) in chunk {

@@ -5,6 +5,7 @@
 use sqlx::{AnyConnection, FromRow};
 
 use super::Staged;
+use crate::db;
 
 /// One staged event, with its retry state.
 #[derive(Debug, Clone, FromRow)]
@@ -95,10 +96,9 @@ const IDS_PER_DELETE: usize = 500;
 /// this delete republishes them, and consumers drop the duplicate by message id.
 pub(super) async fn delete(conn: &mut AnyConnection, message_ids: &[String]) -> sqlx::Result<()> {
     for chunk in message_ids.chunks(IDS_PER_DELETE) {
-        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
             "DELETE FROM outbox WHERE message_id IN ({})",
-            placeholders.join(",")
+            db::params(db::Backend::of(conn), chunk.len())
         );
         // One statement text per count: not worth a prepared-statement cache entry.
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);

@@ -64,7 +64,7 @@ impl Charges {
         for chunk in self.new.chunks(DECISIONS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO payments (order_id, status, amount_cents, transaction_id, reason, created_at) VALUES {}",
-                db::values(chunk.len(), 6)
+                db::values(db::Backend::of(conn), chunk.len(), 6)
             );
             // One statement text per row count: not worth a prepared-statement cache entry.
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
@@ -91,7 +91,7 @@ impl Charges {
         for chunk in new.chunks(IDS_PER_SELECT) {
             let sql = format!(
                 "SELECT order_id FROM payments WHERE order_id IN ({})",
-                db::params(1, chunk.len())
+                db::params(db::Backend::of(conn), chunk.len())
             );
             let mut query =
                 sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
