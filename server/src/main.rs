@@ -8,6 +8,12 @@ use orderflow_server::{app::App, bus, config::Config, shutdown, telemetry};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+// Each message allocates and frees many small buffers across threads (decode, encode, rows);
+// glibc's malloc spent a tenth of the server's samples at saturation on that; jemalloc
+// takes a tenth less CPU per order, for about 12 MiB more RSS (mimalloc: nearly 100 MiB).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// EX_USAGE: the configuration is invalid.
 const EXIT_USAGE: u8 = 64;
 /// EX_CONFIG: the broker is configured wrongly for this configuration (`--declare-topology
