@@ -14,7 +14,7 @@ use tonic::Status;
 use tracing::{Instrument as _, debug, warn};
 
 use super::{OrderApi, error::Error, response::update};
-use crate::order::{store, watch::Subscription};
+use crate::order::{Change, store, watch::Subscription};
 
 /// Updates buffered per stream; a slow client makes its own task wait, nobody else.
 const BUFFER: usize = 16;
@@ -41,30 +41,46 @@ pub(super) async fn start(
     })?;
     // Subscribe before the first read, so a change between the read and the wait still rings.
     let subscription = api.hub.subscribe(&order_id);
-    let mut conn = api.pool.acquire().await?;
-    let order = store::load(&mut conn, &order_id)
-        .await?
-        .filter(|order| only_customer.is_none_or(|own| order.customer_id == own))
-        .ok_or_else(|| Error::NotFound(order_id.clone()))?;
-    drop(conn);
+    // An order this process placed and moved on needs no read (see `Hub::known`).
+    let held = api.hub.known(&order_id);
+    let latest = held
+        .as_ref()
+        .and_then(|history| history.changes.last())
+        .map(|change| (change.version, change.status));
+    let (customer_id, version, status, known) = match (held, latest) {
+        (Some(held), Some((version, status))) => {
+            (held.customer_id, version, status, Some(held.changes))
+        }
+        _ => {
+            let mut conn = api.pool.acquire().await?;
+            let Some(order) = store::load(&mut conn, &order_id).await? else {
+                return Err(Error::NotFound(order_id));
+            };
+            (order.customer_id, order.version, order.status, None)
+        }
+    };
+    if only_customer.is_some_and(|own| own != customer_id) {
+        return Err(Error::NotFound(order_id));
+    }
     let after = match resume_after {
-        Some(v) if v > order.version => {
+        Some(v) if v > version => {
             return Err(Error::invalid(
                 "resume_after_version",
-                format!("is {v} but the order's latest version is {}", order.version),
+                format!("is {v} but the order's latest version is {version}"),
             ));
         }
         Some(v) => v,
-        None => order.version - 1,
+        None => version - 1,
     };
     let (tx, rx) = mpsc::channel(BUFFER);
     // Nothing can follow a final status. A FAILED order can still move on (a replayed dead
     // letter), so resuming after its FAILED version waits for that.
-    if !(after >= order.version && order.status.is_final()) {
+    if !(after >= version && status.is_final()) {
         let task = Follow {
             pool: api.pool.clone(),
             order_id,
             after,
+            known: known.map(|changes| changes.into_iter().filter(|c| c.version > after).collect()),
             subscription,
             tx,
             shutdown: api.shutdown.clone(),
@@ -78,6 +94,8 @@ struct Follow {
     pool: AnyPool,
     order_id: String,
     after: u64,
+    /// The changes to send first, when the hub held them; otherwise the first are read.
+    known: Option<Vec<Change>>,
     subscription: Subscription,
     tx: mpsc::Sender<Result<pb::OrderUpdate, Status>>,
     shutdown: CancellationToken,
@@ -85,14 +103,15 @@ struct Follow {
 
 impl Follow {
     async fn run(mut self, _permit: OwnedSemaphorePermit) {
-        // The first read goes to the database; after a bell, the changes it carries are used
-        // when they reach the newest version with no gap.
+        // The first changes come from the hub when it held them, else from the database; after
+        // a bell, the changes it carries are used when they reach the newest version with no
+        // gap.
         let mut woken = false;
         loop {
             let held = if woken {
                 self.subscription.changes_after(self.after)
             } else {
-                None
+                self.known.take()
             };
             let read = match held {
                 Some(changes) => Ok(changes),
@@ -140,7 +159,7 @@ impl Follow {
         }
     }
 
-    async fn read(&self) -> sqlx::Result<Vec<crate::order::Change>> {
+    async fn read(&self) -> sqlx::Result<Vec<Change>> {
         let mut conn = self.pool.acquire().await?;
         store::history_after(&mut conn, &self.order_id, self.after).await
     }

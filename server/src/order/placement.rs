@@ -132,7 +132,8 @@ impl Writer {
         }
         for (result, request) in results.into_iter().zip(batch) {
             if let Ok(Placed::Created(order)) = &result {
-                self.hub.notify(&order.order_id, order.version);
+                // In the poll that committed: the saga cannot have moved the order on yet.
+                self.hub.placed(order);
             }
             // A caller that went away (deadline, disconnect) still has its order stored; a
             // retry with the same idempotency key finds it.

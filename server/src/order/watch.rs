@@ -5,9 +5,14 @@
 //! tails the global `order_history.seq`, and a stream reads those from the database.
 //!
 //! Watchers register before they first read, so no change can fall between read and wait.
+//!
+//! The hub also keeps the whole history of the orders this process placed or changed lately
+//! ([`Hub::known`]), as long as it heard every change, so a stream opened right after
+//! PlaceOrder (as clients do) needs no read at all. A change by another process, heard by
+//! version only, drops the order from it.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -16,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{Change, store};
+use super::{Change, Order, store};
 use crate::db::{Backend, Database};
 
 /// How often changes made by other processes are looked for.
@@ -29,7 +34,28 @@ const LOOKBACK: i64 = 500;
 #[derive(Clone, Debug, Default)]
 pub struct Hub {
     watched: Arc<Mutex<HashMap<String, Watched>>>,
+    known: Arc<Mutex<Known>>,
 }
+
+/// Orders whose every change this process committed (or heard of with its rows), newest
+/// last; the oldest go first beyond [`KNOWN_ORDERS`].
+#[derive(Debug, Default)]
+struct Known {
+    orders: HashMap<String, History>,
+    arrival: VecDeque<String>,
+}
+
+/// An order's owner and its status changes from version 1, with no gap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    /// Who placed it.
+    pub customer_id: String,
+    /// Every change, oldest first.
+    pub changes: Vec<Change>,
+}
+
+/// Orders kept in [`Hub::known`]: a few seconds of placements at full load, a few MiB.
+const KNOWN_ORDERS: usize = 10_000;
 
 #[derive(Debug)]
 struct Watched {
@@ -111,14 +137,74 @@ impl Hub {
     /// Rings for `order_id`, which reached `version`, unless it already rang for that version
     /// (changes are heard both from this process and from the database).
     pub fn notify(&self, order_id: &str, version: u64) {
+        self.remember(order_id, version, &[]);
         self.ring(order_id, version, &[]);
     }
 
     /// Rings for `order_id` with the history rows this process just committed.
     pub fn notify_changes(&self, order_id: &str, changes: &[Change]) {
         if let Some(last) = changes.last() {
+            self.remember(order_id, last.version, changes);
             self.ring(order_id, last.version, changes);
         }
+    }
+
+    /// Starts keeping the history of `order`, which this process just placed. Called right
+    /// after the commit, before anything can have moved the order on.
+    pub fn placed(&self, order: &Order) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let history = History {
+            customer_id: order.customer_id.clone(),
+            changes: order.history.clone(),
+        };
+        if known
+            .orders
+            .insert(order.order_id.clone(), history)
+            .is_none()
+        {
+            known.arrival.push_back(order.order_id.clone());
+        }
+        while known.arrival.len() > KNOWN_ORDERS {
+            if let Some(oldest) = known.arrival.pop_front() {
+                known.orders.remove(&oldest);
+            }
+        }
+    }
+
+    /// The order's whole history, if this process holds it; `None` means "read the database".
+    pub fn known(&self, order_id: &str) -> Option<History> {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.orders.get(order_id).cloned()
+    }
+
+    /// Extends a known history with `changes` (which reach `version`), or forgets it when they
+    /// do not follow on from it: another process's change, heard by version only.
+    fn remember(&self, order_id: &str, version: u64, changes: &[Change]) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(history) = known.orders.get_mut(order_id) else {
+            return;
+        };
+        let last = history.changes.last().map_or(0, |c| c.version);
+        if version <= last {
+            return;
+        }
+        match changes.first() {
+            Some(first) if first.version == last + 1 => history.changes.extend_from_slice(changes),
+            // Left in `arrival` until its turn comes: the queue stays bounded all the same.
+            _ => {
+                known.orders.remove(order_id);
+            }
+        }
+    }
+
+    /// Whether any order's history is held, so changes by other processes must be heard.
+    fn holds_any(&self) -> bool {
+        !self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .orders
+            .is_empty()
     }
 
     fn ring(&self, order_id: &str, version: u64, changes: &[Change]) {
@@ -168,8 +254,8 @@ impl Hub {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
-            if self.watched() == 0 {
-                // Nobody to wake: skip ahead instead of reading every change.
+            if self.watched() == 0 && !self.holds_any() {
+                // Nobody to wake and nothing held: skip ahead instead of reading every change.
                 match store::last_change_seq(&pool).await {
                     Ok(seq) => cursor = seq,
                     Err(error) => warn!(error = %error, "Reading the order history failed."),
@@ -254,6 +340,63 @@ mod tests {
         // An old ring changes nothing.
         hub.notify_changes("a", &[change(3)]);
         assert_eq!(a.changes_after(5), Some(vec![change(6)]));
+    }
+
+    fn placed(hub: &Hub, order_id: &str) {
+        let order = Order {
+            order_id: order_id.into(),
+            customer_id: "alice".into(),
+            items: Vec::new(),
+            total_cents: None,
+            status: crate::order::Status::Pending,
+            version: 1,
+            failure_reason: String::new(),
+            transaction_id: None,
+            idempotency_key: None,
+            stock_released_at: None,
+            created_at: 0,
+            updated_at: 0,
+            history: vec![change(1)],
+        };
+        hub.placed(&order);
+    }
+
+    #[test]
+    fn a_placed_order_is_known_while_every_change_is_heard() {
+        let hub = Hub::default();
+        assert_eq!(hub.known("a"), None);
+        placed(&hub, "a");
+        hub.notify_changes("a", &[change(2)]);
+        hub.notify_changes("a", &[change(3), change(4)]);
+        hub.notify("a", 4); // the follower reading this process's own change back
+        let known = hub.known("a").unwrap();
+        assert_eq!(known.customer_id, "alice");
+        assert_eq!(
+            known.changes,
+            vec![change(1), change(2), change(3), change(4)]
+        );
+        // Another process's change, heard by version only: the copy is stale, read instead.
+        hub.notify("a", 5);
+        assert_eq!(hub.known("a"), None);
+        hub.notify_changes("a", &[change(6)]);
+        assert_eq!(hub.known("a"), None, "not known again after a gap");
+
+        placed(&hub, "b");
+        hub.notify_changes("b", &[change(3)]);
+        assert_eq!(hub.known("b"), None, "a gap in this process's rows");
+    }
+
+    #[test]
+    fn known_orders_are_bounded() {
+        let hub = Hub::default();
+        for i in 0..KNOWN_ORDERS + 10 {
+            placed(&hub, &format!("o{i}"));
+        }
+        assert_eq!(hub.known("o0"), None, "the oldest went first");
+        assert!(hub.known(&format!("o{}", KNOWN_ORDERS + 9)).is_some());
+        let known = hub.known.lock().unwrap();
+        assert_eq!(known.orders.len(), KNOWN_ORDERS);
+        assert_eq!(known.arrival.len(), KNOWN_ORDERS);
     }
 
     #[test]
