@@ -32,7 +32,7 @@ pub mod topology;
 pub use amqp_url::AmqpUrl;
 pub use broker::{Broker, Link};
 pub use consumer::{Consumer, ParkFault, Processor, Settings as ConsumerSettings};
-pub use event::{Event, SagaEvent};
+pub use event::{Event, SagaEvent, order_ids};
 pub use message::{Incoming, Outgoing};
 pub use outcome::{DeadLetterReason, HandleError, Settlement};
 pub use publisher::{PublishError, Publisher};

@@ -175,3 +175,30 @@ pub struct Order {
     /// Every status change, oldest first (empty in listings).
     pub history: Vec<Change>,
 }
+
+#[cfg(test)]
+impl Order {
+    /// A PENDING order at version 1, as just placed, for unit tests.
+    pub fn pending(order_id: &str, customer_id: &str, items: Vec<Item>) -> Order {
+        Order {
+            order_id: order_id.into(),
+            customer_id: customer_id.into(),
+            items,
+            total_cents: None,
+            status: Status::Pending,
+            version: 1,
+            failure_reason: String::new(),
+            transaction_id: None,
+            idempotency_key: None,
+            stock_released_at: None,
+            created_at: 0,
+            updated_at: 0,
+            history: vec![Change {
+                version: 1,
+                status: Status::Pending,
+                reason: String::new(),
+                at: 0,
+            }],
+        }
+    }
+}

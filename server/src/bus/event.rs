@@ -6,7 +6,7 @@
 use orderflow_proto::orderflow::v1 as pb;
 use prost::Name as _;
 
-use super::{HandleError, topology::routing_key};
+use super::{HandleError, Incoming, topology::routing_key};
 
 /// An event carried on `<ns>.events`.
 pub trait Event: prost::Message + prost::Name + Default + Send + Sync + 'static {
@@ -125,6 +125,16 @@ impl SagaEvent {
             self.name()
         ))
     }
+}
+
+/// The orders the events among `messages` are about: what a handler reads for a batch. A message
+/// that does not decode is left out; it fails in its handler, where it is its own failure.
+pub fn order_ids<'m>(messages: &[&'m Incoming]) -> Vec<&'m str> {
+    messages
+        .iter()
+        .filter_map(|message| message.event().ok())
+        .map(SagaEvent::order_id)
+        .collect()
 }
 
 #[cfg(test)]

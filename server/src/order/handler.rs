@@ -15,7 +15,7 @@ use super::{
     watch::Hub,
 };
 use crate::{
-    bus::{HandleError, Incoming, SagaEvent, dead_letters::Parked, topology::header},
+    bus::{self, HandleError, Incoming, SagaEvent, dead_letters::Parked, topology::header},
     inbox::{Context, Handler},
     metrics::Metrics,
 };
@@ -43,13 +43,7 @@ impl Handler for SagaHandler {
         cx: &mut Context<'_>,
         messages: &[&Incoming],
     ) -> Result<Orders, HandleError> {
-        // A message that does not decode fails in `handle`, where it is its own failure.
-        let ids: Vec<&str> = messages
-            .iter()
-            .filter_map(|message| message.event().ok())
-            .map(SagaEvent::order_id)
-            .collect();
-        load(cx, &ids).await
+        load(cx, &bus::order_ids(messages)).await
     }
 
     async fn handle(
@@ -400,34 +394,13 @@ mod tests {
     use super::*;
 
     fn order() -> Order {
-        Order {
-            order_id: "o".into(),
-            customer_id: "c".into(),
-            items: vec![
-                Item {
-                    sku: "a".into(),
-                    quantity: 2,
-                    unit_price_cents: None,
-                    name: None,
-                },
-                Item {
-                    sku: "b".into(),
-                    quantity: 1,
-                    unit_price_cents: None,
-                    name: None,
-                },
-            ],
-            total_cents: None,
-            status: Status::Pending,
-            version: 1,
-            failure_reason: String::new(),
-            transaction_id: None,
-            idempotency_key: None,
-            stock_released_at: None,
-            created_at: 0,
-            updated_at: 0,
-            history: vec![],
-        }
+        let line = |sku: &str, quantity| Item {
+            sku: sku.into(),
+            quantity,
+            unit_price_cents: None,
+            name: None,
+        };
+        Order::pending("o", "c", vec![line("a", 2), line("b", 1)])
     }
 
     #[test]

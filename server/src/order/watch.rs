@@ -343,21 +343,7 @@ mod tests {
     }
 
     fn placed(hub: &Hub, order_id: &str) {
-        let order = Order {
-            order_id: order_id.into(),
-            customer_id: "alice".into(),
-            items: Vec::new(),
-            total_cents: None,
-            status: crate::order::Status::Pending,
-            version: 1,
-            failure_reason: String::new(),
-            transaction_id: None,
-            idempotency_key: None,
-            stock_released_at: None,
-            created_at: 0,
-            updated_at: 0,
-            history: vec![change(1)],
-        };
+        let order = Order::pending(order_id, "alice", Vec::new());
         hub.placed(&order);
     }
 

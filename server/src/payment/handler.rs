@@ -9,7 +9,7 @@ use super::{
     provider::{Charge, Provider},
 };
 use crate::{
-    bus::{HandleError, Incoming, SagaEvent},
+    bus::{self, HandleError, Incoming, SagaEvent},
     inbox::{Context, Handler},
     time,
 };
@@ -35,12 +35,7 @@ impl Handler for PaymentHandler {
         cx: &mut Context<'_>,
         messages: &[&Incoming],
     ) -> Result<Charges, HandleError> {
-        let ids: Vec<&str> = messages
-            .iter()
-            .filter_map(|message| message.event().ok())
-            .map(SagaEvent::order_id)
-            .collect();
-        Charges::load(cx.conn(), &ids)
+        Charges::load(cx.conn(), &bus::order_ids(messages))
             .await
             .map_err(HandleError::transient)
     }
