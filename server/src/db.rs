@@ -11,6 +11,7 @@
 //! no such lock: writers run concurrently and row locks order what must be ordered.
 
 use std::{
+    collections::HashSet,
     ops::{Deref, DerefMut},
     path::Path,
     str::FromStr as _,
@@ -397,6 +398,38 @@ pub fn values(backend: Backend, rows: usize, columns: usize) -> String {
 pub fn params(backend: Backend, count: usize) -> String {
     numbered(backend, 1, count)
 }
+
+/// Which of `keys` are in `column` of `table`: one `IN (…)` read per few hundred keys.
+pub async fn existing(
+    conn: &mut AnyConnection,
+    table: &'static str,
+    column: &'static str,
+    keys: &[&str],
+) -> sqlx::Result<HashSet<String>> {
+    let mut found = HashSet::new();
+    for chunk in keys.chunks(KEYS_PER_IN_LIST) {
+        let sql = format!(
+            "SELECT {column} FROM {table} WHERE {column} IN ({})",
+            params(Backend::of(conn), chunk.len())
+        );
+        // One statement text per key count: not worth a prepared-statement cache entry.
+        let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
+        for key in chunk {
+            query = query.bind(*key);
+        }
+        found.extend(
+            query
+                .fetch_all(&mut *conn)
+                .await?
+                .into_iter()
+                .map(|(key,)| key),
+        );
+    }
+    Ok(found)
+}
+
+/// Keys per `IN (…)` list: under SQLite's oldest limit of 999 parameters.
+const KEYS_PER_IN_LIST: usize = 900;
 
 fn numbered(backend: Backend, first: usize, count: usize) -> String {
     (first..first + count)

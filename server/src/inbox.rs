@@ -89,17 +89,14 @@ impl std::fmt::Debug for Context<'_> {
 /// the SQL, are what a message costs.
 pub trait Handler: Send + Sync + 'static {
     /// What one batch loaded and has yet to write.
-    type Batch: Default + Send;
+    type Batch: Send;
 
-    /// Loads what `messages` need before any of them is handled. The default loads nothing.
+    /// Loads what `messages` need before any of them is handled.
     fn prepare(
         &self,
         cx: &mut Context<'_>,
         messages: &[&Incoming],
-    ) -> impl Future<Output = Result<Self::Batch, HandleError>> + Send {
-        let _ = (cx, messages);
-        async { Ok(Self::Batch::default()) }
-    }
+    ) -> impl Future<Output = Result<Self::Batch, HandleError>> + Send;
 
     /// Applies the effects of `message` through `cx` and `batch`. Must not commit; may fail,
     /// and then the batch is applied again without it.
@@ -110,16 +107,12 @@ pub trait Handler: Send + Sync + 'static {
         message: &Incoming,
     ) -> impl Future<Output = Result<(), HandleError>> + Send;
 
-    /// Writes what `batch` holds, after the last message and before the commit. The default
-    /// has nothing to write.
+    /// Writes what `batch` holds, after the last message and before the commit.
     fn finish(
         &self,
         cx: &mut Context<'_>,
         batch: Self::Batch,
-    ) -> impl Future<Output = Result<(), HandleError>> + Send {
-        let _ = (cx, batch);
-        async { Ok(()) }
-    }
+    ) -> impl Future<Output = Result<(), HandleError>> + Send;
 }
 
 /// How the inbox recognises a message it has already handled.

@@ -67,26 +67,7 @@ pub async fn decided(
     conn: &mut AnyConnection,
     order_ids: &[&str],
 ) -> sqlx::Result<HashSet<String>> {
-    let mut decided = HashSet::new();
-    for chunk in order_ids.chunks(KEYS_PER_STATEMENT) {
-        let sql = format!(
-            "SELECT order_id FROM reservations WHERE order_id IN ({})",
-            db::params(db::Backend::of(conn), chunk.len())
-        );
-        // One statement text per key count: not worth a prepared-statement cache entry.
-        let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
-        for id in chunk {
-            query = query.bind(*id);
-        }
-        decided.extend(
-            query
-                .fetch_all(&mut *conn)
-                .await?
-                .into_iter()
-                .map(|(id,)| id),
-        );
-    }
-    Ok(decided)
+    db::existing(conn, "reservations", "order_id", order_ids).await
 }
 
 /// The catalog rows of `skus` that exist. `for_update` locks them, in SKU order so two

@@ -88,32 +88,14 @@ impl Charges {
             .copied()
             .filter(|id| self.looked_up.insert((*id).to_owned()))
             .collect();
-        for chunk in new.chunks(IDS_PER_SELECT) {
-            let sql = format!(
-                "SELECT order_id FROM payments WHERE order_id IN ({})",
-                db::params(db::Backend::of(conn), chunk.len())
-            );
-            let mut query =
-                sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            self.charged.extend(
-                query
-                    .fetch_all(&mut *conn)
-                    .await?
-                    .into_iter()
-                    .map(|(id,)| id),
-            );
-        }
+        self.charged
+            .extend(db::existing(conn, "payments", "order_id", &new).await?);
         Ok(())
     }
 }
 
-/// Decisions per INSERT (six parameters each) and ids per `IN (…)` list: both stay under
-/// SQLite's oldest limit of 999 parameters.
+/// Decisions per INSERT: six parameters each stays under SQLite's oldest limit of 999.
 const DECISIONS_PER_INSERT: usize = 150;
-const IDS_PER_SELECT: usize = 900;
 
 #[cfg(test)]
 mod tests {
