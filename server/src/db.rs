@@ -399,6 +399,18 @@ pub fn params(backend: Backend, count: usize) -> String {
     numbered(backend, 1, count)
 }
 
+/// Whether a statement written for `rows` rows is kept prepared on its connection. The
+/// single-row texts are few, and an unloaded system runs nothing else, so preparing them once
+/// saves a parse per statement (10% of the server's CPU per order, one order at a time). Not
+/// the multi-row ones: a text per batch size, cached on every connection, cost 18 MiB more RSS
+/// at saturation for no measurable gain.
+pub fn worth_caching(rows: usize) -> bool {
+    rows <= CACHED_ROWS
+}
+
+/// Rows of the largest statement [`worth_caching`].
+const CACHED_ROWS: usize = 1;
+
 /// Which of `keys` are in `column` of `table`: one `IN (…)` read per few hundred keys.
 pub async fn existing(
     conn: &mut AnyConnection,
@@ -412,8 +424,8 @@ pub async fn existing(
             "SELECT {column} FROM {table} WHERE {column} IN ({})",
             params(Backend::of(conn), chunk.len())
         );
-        // One statement text per key count: not worth a prepared-statement cache entry.
-        let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
+        let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql))
+            .persistent(worth_caching(chunk.len()));
         for key in chunk {
             query = query.bind(*key);
         }

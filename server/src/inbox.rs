@@ -314,10 +314,8 @@ impl<H: Handler> Inbox<H> {
                 "INSERT INTO inbox (queue, message_id, processed_at) VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
                 db::values(self.db.backend(), chunk.len(), 3)
             );
-            // One statement text per batch size: not worth a prepared-statement cache entry
-            // on every connection.
-            let mut query =
-                sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
+            let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql))
+                .persistent(db::worth_caching(chunk.len()));
             for key in chunk {
                 query = query.bind(&self.queue).bind(*key).bind(now);
             }

@@ -244,9 +244,8 @@ pub async fn write(conn: &mut AnyConnection, rows: &[Staged]) -> sqlx::Result<()
             "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at) VALUES {}",
             db::values(db::Backend::of(conn), chunk.len(), 7)
         );
-        // One statement text per row count: not worth a prepared-statement cache entry on
-        // every connection.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        let mut query =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
         for row in chunk {
             query = query
                 .bind(&row.message_id)

@@ -84,7 +84,7 @@ pub async fn read(
             db::params(db::Backend::of(conn), chunk.len())
         );
         let mut query = sqlx::query_as::<_, (String, String, i64, i64)>(sqlx::AssertSqlSafe(sql))
-            .persistent(false);
+            .persistent(db::worth_caching(chunk.len()));
         for sku in chunk {
             query = query.bind(*sku);
         }
@@ -105,7 +105,8 @@ pub async fn take(conn: &mut AnyConnection, units: &[(&str, i64)]) -> sqlx::Resu
              WHERE stock.sku = v.column1 AND stock.available >= v.column2",
             db::values(db::Backend::of(conn), chunk.len(), 2)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        let mut query =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
         for (sku, quantity) in chunk {
             query = query.bind(*sku).bind(*quantity);
         }
@@ -143,7 +144,8 @@ pub async fn insert(
             "INSERT INTO reservations (order_id, status, lines, total_cents, created_at, updated_at) VALUES {}",
             db::values(db::Backend::of(conn), chunk.len(), 6)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        let mut query =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
         for reservation in chunk {
             let lines = serde_json::to_string(&reservation.lines)
                 .map_err(|e| sqlx::Error::Encode(e.into()))?;

@@ -247,12 +247,12 @@ async fn insert_orders(
         .chunks(ORDERS_PER_INSERT)
         .zip(digests.chunks(ORDERS_PER_INSERT))
     {
-        // One statement text per row count: not worth a prepared-statement cache entry.
         let sql = format!(
             "INSERT INTO orders (order_id, customer_id, items, status, version, idempotency_key, request_digest, created_at, updated_at) VALUES {}",
             db::values(db::Backend::of(conn), chunk.len(), 9)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        let mut query =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
         for (order, digest) in chunk.iter().zip(digests) {
             let items =
                 serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
@@ -394,8 +394,8 @@ pub async fn load_many(
             "SELECT {ORDER_COLUMNS} FROM orders WHERE order_id IN ({}) ORDER BY order_id{for_update}",
             db::params(db::Backend::of(conn), chunk.len())
         );
-        // One statement text per row count: not worth a prepared-statement cache entry.
-        let mut query = sqlx::query_as::<_, OrderRow>(sqlx::AssertSqlSafe(sql)).persistent(false);
+        let mut query = sqlx::query_as::<_, OrderRow>(sqlx::AssertSqlSafe(sql))
+            .persistent(db::worth_caching(chunk.len()));
         for id in chunk {
             query = query.bind(*id);
         }
@@ -421,7 +421,8 @@ pub async fn update_many(
              FROM (VALUES {}) AS v WHERE orders.order_id = v.column1",
             db::values(db::Backend::of(conn), chunk.len(), 9)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        let mut query =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
         for order in chunk {
             let items =
                 serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
@@ -451,7 +452,8 @@ pub async fn insert_changes(
             "INSERT INTO order_history (order_id, version, status, reason, at) VALUES {}",
             db::values(db::Backend::of(conn), chunk.len(), 5)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        let mut query =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
         for (order_id, change) in chunk {
             query = query
                 .bind(order_id.to_string())

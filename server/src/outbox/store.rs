@@ -100,8 +100,8 @@ pub(super) async fn delete(conn: &mut AnyConnection, message_ids: &[String]) -> 
             "DELETE FROM outbox WHERE message_id IN ({})",
             db::params(db::Backend::of(conn), chunk.len())
         );
-        // One statement text per count: not worth a prepared-statement cache entry.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        let mut query =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
         for id in chunk {
             query = query.bind(id);
         }

@@ -66,8 +66,8 @@ impl Charges {
                 "INSERT INTO payments (order_id, status, amount_cents, transaction_id, reason, created_at) VALUES {}",
                 db::values(db::Backend::of(conn), chunk.len(), 6)
             );
-            // One statement text per row count: not worth a prepared-statement cache entry.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+            let mut query =
+                sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
             for decision in chunk {
                 query = query
                     .bind(decision.order_id.clone())
