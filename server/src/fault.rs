@@ -6,6 +6,9 @@
 //! - `permanent:N`: the first N messages fail permanently (straight to the DLQ);
 //!   `permanent:0.1`: 10% of messages do.
 //! - `panic:N` / `panic:0.1`: like `permanent`, but the handler panics.
+//! - `outage:N` / `outage:0.1`: the first N handlings (or that fraction) find the database
+//!   gone mid-batch, as a dropped connection would (shows the batch held until the database
+//!   answers, spending no attempt).
 //! - `crash-after-commit:N`: the process aborts right after its Nth committed batch, before
 //!   the outbox relay publishes (shows the outbox recovering on restart).
 //! - `unparkable:N` / `unparkable:1.0`: the consumer's first N (or that fraction of) attempts
@@ -36,6 +39,8 @@ pub enum Kind {
     Permanent,
     /// A panic in the handler.
     Panic,
+    /// The database connection lost under the handler.
+    Outage,
     /// `abort()` after a commit, before publishing.
     CrashAfterCommit,
     /// The consumer cannot park a failed message.
@@ -77,11 +82,12 @@ impl FromStr for Rule {
             "transient" => Kind::Transient,
             "permanent" => Kind::Permanent,
             "panic" => Kind::Panic,
+            "outage" => Kind::Outage,
             "crash-after-commit" => Kind::CrashAfterCommit,
             "unparkable" => Kind::Unparkable,
             other => {
                 return Err(format!(
-                    "fault `{s}`: unknown kind `{other}` (transient, permanent, panic, crash-after-commit, unparkable)"
+                    "fault `{s}`: unknown kind `{other}` (transient, permanent, panic, outage, crash-after-commit, unparkable)"
                 ));
             }
         };
@@ -149,6 +155,10 @@ impl Faults {
                 Kind::Transient => return Err(HandleError::transient(anyhow::anyhow!(what))),
                 Kind::Permanent => return Err(HandleError::permanent(anyhow::anyhow!(what))),
                 Kind::Panic => panic!("{what}"),
+                Kind::Outage => {
+                    let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, what);
+                    return Err(HandleError::transient(sqlx::Error::Io(lost)));
+                }
                 Kind::CrashAfterCommit | Kind::Unparkable => {}
             }
         }

@@ -27,7 +27,7 @@ pub struct Context<'a> {
     db: &'a Database,
     serialized: &'a mut Vec<&'static str>,
     staged: &'a mut Vec<Staged>,
-    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+    after_commit: AfterCommit,
 }
 
 impl Context<'_> {
@@ -78,6 +78,9 @@ impl std::fmt::Debug for Context<'_> {
             .finish_non_exhaustive()
     }
 }
+
+/// What to run once a batch's transaction has committed.
+type AfterCommit = Vec<Box<dyn FnOnce() + Send>>;
 
 /// A service's reaction to the messages of one queue.
 ///
@@ -178,15 +181,13 @@ impl<H: Handler> Inbox<H> {
 
     /// Applies a batch in one transaction. A message whose handler fails may have written
     /// part of its effects, so the transaction is rolled back and the batch applied again
-    /// without it: cheaper than a savepoint around every message, as failures are rare.
-    ///
-    /// The batch's inbox records go in with one statement, and the events its handlers staged
-    /// with another, just before the commit: every statement is a round trip to the database's
-    /// connection thread, and those round trips, not the SQL, are what a batch costs.
+    /// without it: cheaper than a savepoint around every message, as failures are rare. A
+    /// conflict lost to another instance's transaction is nobody's fault: the batch runs again
+    /// as it was, a few times.
     async fn process_batch(
         &self,
         batch: &[Incoming],
-    ) -> anyhow::Result<Vec<Result<(), HandleError>>> {
+    ) -> Result<Vec<Result<(), HandleError>>, Failure> {
         let keys: Vec<Option<String>> = batch.iter().map(|m| (self.dedup_key)(m)).collect();
         let mut failed: Vec<Option<HandleError>> = keys
             .iter()
@@ -199,104 +200,135 @@ impl<H: Handler> Inbox<H> {
             })
             .collect();
         let mut conflicts = 0;
-        'attempt: loop {
-            let mut tx = self.db.begin().await?;
-            let mut staged = Vec::new();
-            let mut serialized = Vec::new();
-            let pending = keys
-                .iter()
-                .zip(&failed)
-                .filter_map(|(key, failure)| key.as_deref().filter(|_| failure.is_none()));
-            let new = match self.record(&mut tx, pending).await {
-                Ok(new) => new,
-                Err(error) => {
-                    let _ = tx.rollback().await;
-                    if db::is_conflict(&error) && again(&mut conflicts).await {
-                        continue 'attempt;
+        loop {
+            match self.attempt(batch, &keys, &failed).await {
+                Attempt::Committed(after_commit) => {
+                    if self.faults.crash_after_commit() {
+                        tracing::error!(
+                            "Injected fault: aborting after commit, before publishing."
+                        );
+                        std::process::abort();
                     }
-                    return Err(error.into());
+                    for callback in after_commit {
+                        callback();
+                    }
+                    return Ok(failed.into_iter().map(|f| f.map_or(Ok(()), Err)).collect());
                 }
-            };
-            // This attempt's messages: new, not failed before, and the first of their key.
-            let mut seen = HashSet::new();
-            let mut todo = Vec::with_capacity(batch.len());
-            for (index, (message, key)) in batch.iter().zip(&keys).enumerate() {
-                let Some(key) = key.as_deref().filter(|_| failed[index].is_none()) else {
-                    continue;
-                };
-                // Recorded before (a redelivery), or twice in this batch (a republished copy).
-                if !new.contains(key) || !seen.insert(key) {
-                    message.mark_duplicate();
-                    tracing::debug!(message.id = %key, "Duplicate delivery; effects already committed.");
-                    continue;
-                }
-                todo.push(index);
-            }
-            let mut cx = Context {
-                conn: &mut tx,
-                db: &self.db,
-                serialized: &mut serialized,
-                staged: &mut staged,
-                after_commit: Vec::new(),
-            };
-            let messages: Vec<&Incoming> = todo.iter().map(|&index| &batch[index]).collect();
-            let mut loaded = match self.handler.prepare(&mut cx, &messages).await {
-                Ok(loaded) => loaded,
-                Err(error) => {
-                    let _ = tx.rollback().await;
+                Attempt::Rejected { index, error, span } => {
+                    // Another instance's transaction got in the way, not this message.
                     if is_conflict(&error) && again(&mut conflicts).await {
-                        continue 'attempt;
+                        continue;
                     }
-                    return Err(error.into());
+                    crate::telemetry::record_error(&span, error.kind(), &error);
+                    failed[index] = Some(error);
                 }
-            };
-            for index in todo {
-                let message = &batch[index];
-                let span = process_span(message, &self.queue, self.outbox.service().service_name());
-                let applied = self
-                    .apply(&mut cx, &mut loaded, message)
-                    .instrument(span.clone())
-                    .await;
-                let Err(error) = applied else { continue };
-                if is_unavailable(&error) {
-                    // The database went away mid-batch: not this message's fault.
-                    let _ = tx.rollback().await;
-                    return Err(error.into());
+                Attempt::Failed(failure) => {
+                    if failure.is_conflict() && again(&mut conflicts).await {
+                        continue;
+                    }
+                    return Err(failure);
                 }
-                tx.rollback().await?;
-                // Another instance's transaction got in the way, not this message: run the
-                // batch again as it was.
-                if is_conflict(&error) && again(&mut conflicts).await {
-                    continue 'attempt;
-                }
-                crate::telemetry::record_error(&span, error.kind(), &error);
-                failed[index] = Some(error);
-                continue 'attempt;
             }
-            if let Err(error) = self.handler.finish(&mut cx, loaded).await {
-                let _ = tx.rollback().await;
-                if is_conflict(&error) && again(&mut conflicts).await {
-                    continue 'attempt;
-                }
-                return Err(error.into());
-            }
-            let after_commit = cx.after_commit;
-            let committed = self.outbox.commit(tx, std::mem::take(&mut staged)).await;
-            if let Err(error) = committed {
-                if db::is_conflict(&error) && again(&mut conflicts).await {
-                    continue 'attempt;
-                }
-                return Err(error.into());
-            }
-            if self.faults.crash_after_commit() {
-                tracing::error!("Injected fault: aborting after commit, before publishing.");
-                std::process::abort();
-            }
-            for callback in after_commit {
-                callback();
-            }
-            return Ok(failed.into_iter().map(|f| f.map_or(Ok(()), Err)).collect());
         }
+    }
+
+    /// One transaction over the messages of `batch` that have not failed yet. Every outcome
+    /// but [`Attempt::Committed`] has rolled it back.
+    async fn attempt(
+        &self,
+        batch: &[Incoming],
+        keys: &[Option<String>],
+        failed: &[Option<HandleError>],
+    ) -> Attempt {
+        let mut tx = match self.db.begin().await {
+            Ok(tx) => tx,
+            Err(error) => return Attempt::Failed(error.into()),
+        };
+        match self.apply_all(&mut tx, batch, keys, failed).await {
+            Ok((staged, after_commit)) => match self.outbox.commit(tx, staged).await {
+                Ok(()) => Attempt::Committed(after_commit),
+                Err(error) => Attempt::Failed(error.into()),
+            },
+            Err(attempt) => match tx.rollback().await {
+                Err(error) if matches!(attempt, Attempt::Rejected { .. }) => {
+                    Attempt::Failed(error.into())
+                }
+                _ => attempt,
+            },
+        }
+    }
+
+    /// Records the batch in the inbox and has the handler apply the new messages, inside `tx`.
+    /// Returns the events to stage and what to run after the commit.
+    ///
+    /// The batch's inbox records go in with one statement, and the events its handlers staged
+    /// with another, just before the commit: every statement is a round trip to the database's
+    /// connection thread, and those round trips, not the SQL, are what a batch costs.
+    async fn apply_all(
+        &self,
+        tx: &mut Tx,
+        batch: &[Incoming],
+        keys: &[Option<String>],
+        failed: &[Option<HandleError>],
+    ) -> Result<(Vec<Staged>, AfterCommit), Attempt> {
+        let pending = keys
+            .iter()
+            .zip(failed)
+            .filter_map(|(key, failure)| key.as_deref().filter(|_| failure.is_none()));
+        let new = self
+            .record(tx, pending)
+            .await
+            .map_err(|error| Attempt::Failed(error.into()))?;
+        // This attempt's messages: new, not failed before, and the first of their key.
+        let mut seen = HashSet::new();
+        let mut todo = Vec::with_capacity(batch.len());
+        for (index, (message, key)) in batch.iter().zip(keys).enumerate() {
+            let Some(key) = key.as_deref().filter(|_| failed[index].is_none()) else {
+                continue;
+            };
+            // Recorded before (a redelivery), or twice in this batch (a republished copy).
+            if !new.contains(key) || !seen.insert(key) {
+                message.mark_duplicate();
+                tracing::debug!(message.id = %key, "Duplicate delivery; effects already committed.");
+                continue;
+            }
+            todo.push(index);
+        }
+        let mut staged = Vec::new();
+        let mut serialized = Vec::new();
+        let mut cx = Context {
+            conn: tx,
+            db: &self.db,
+            serialized: &mut serialized,
+            staged: &mut staged,
+            after_commit: Vec::new(),
+        };
+        let messages: Vec<&Incoming> = todo.iter().map(|&index| &batch[index]).collect();
+        let mut loaded = self
+            .handler
+            .prepare(&mut cx, &messages)
+            .await
+            .map_err(|error| Attempt::Failed(error.into()))?;
+        for index in todo {
+            let message = &batch[index];
+            let span = process_span(message, &self.queue, self.outbox.service().service_name());
+            let applied = self
+                .apply(&mut cx, &mut loaded, message)
+                .instrument(span.clone())
+                .await;
+            match applied {
+                Ok(()) => {}
+                // The database went away mid-batch: not this message's fault.
+                Err(error) if is_unavailable(&error) => return Err(Attempt::Failed(error.into())),
+                Err(error) => return Err(Attempt::Rejected { index, error, span }),
+            }
+        }
+        self.handler
+            .finish(&mut cx, loaded)
+            .await
+            .map_err(|error| Attempt::Failed(error.into()))?;
+        let after_commit = cx.after_commit;
+        Ok((staged, after_commit))
     }
 
     /// Records `keys` in the inbox; returns those that were not there yet. Keys already
@@ -344,6 +376,51 @@ impl<H: Handler> Inbox<H> {
     }
 }
 
+/// How one attempt at a batch ended.
+enum Attempt {
+    /// Committed; these run now.
+    Committed(AfterCommit),
+    /// The handler failed the message at `index` (its `span` records why): the batch runs
+    /// again without it.
+    Rejected {
+        index: usize,
+        error: HandleError,
+        span: tracing::Span,
+    },
+    /// The transaction as a whole failed.
+    Failed(Failure),
+}
+
+/// Why a batch's transaction failed as a whole.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// One of the inbox's own statements, the begin or the commit.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// The handler's reads or writes for the batch, or the database going away under one
+    /// message.
+    #[error(transparent)]
+    Handler(#[from] HandleError),
+}
+
+impl Failure {
+    /// Lost to another instance's transaction: worth running again at once.
+    fn is_conflict(&self) -> bool {
+        match self {
+            Failure::Database(error) => db::is_conflict(error),
+            Failure::Handler(error) => is_conflict(error),
+        }
+    }
+
+    /// The database cannot be reached: the batch is held until it can.
+    fn is_unavailable(&self) -> bool {
+        match self {
+            Failure::Database(error) => db::is_unavailable(error),
+            Failure::Handler(error) => is_unavailable(error),
+        }
+    }
+}
+
 /// Inbox records per INSERT: three parameters each stays under SQLite's oldest limit of 999.
 const KEYS_PER_INSERT: usize = 300;
 
@@ -372,28 +449,20 @@ async fn conflict_pause(conflicts: u32) {
 
 /// Whether a handler failed only because the database could not be reached.
 fn is_unavailable(error: &HandleError) -> bool {
-    match error {
-        HandleError::Transient(error) => unreachable_database(error),
-        HandleError::Permanent(_) => false,
-    }
-}
-
-fn unreachable_database(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<sqlx::Error>()
-            .is_some_and(db::is_unavailable)
-    })
+    caused_by(error, db::is_unavailable)
 }
 
 /// Whether a handler failed only because of a conflict with a concurrent transaction.
 fn is_conflict(error: &HandleError) -> bool {
+    caused_by(error, db::is_conflict)
+}
+
+/// Whether a transient failure has a database error that passes `test` among its causes.
+fn caused_by(error: &HandleError, test: fn(&sqlx::Error) -> bool) -> bool {
     match error {
-        HandleError::Transient(error) => error.chain().any(|cause| {
-            cause
-                .downcast_ref::<sqlx::Error>()
-                .is_some_and(db::is_conflict)
-        }),
+        HandleError::Transient(error) => error
+            .chain()
+            .any(|cause| cause.downcast_ref::<sqlx::Error>().is_some_and(test)),
         HandleError::Permanent(_) => false,
     }
 }
@@ -417,9 +486,9 @@ impl<H: Handler> Processor for Inbox<H> {
                 }
                 Err(error) => error,
             };
-            if !unreachable_database(&error) || self.shutdown.is_cancelled() {
+            if !error.is_unavailable() || self.shutdown.is_cancelled() {
                 // Nothing of the batch was committed: every delivery is retried.
-                let error = error.context("database transaction failed");
+                let error = anyhow::Error::from(error).context("database transaction failed");
                 return batch
                     .iter()
                     .map(|_| Err(HandleError::transient(anyhow::anyhow!("{error:#}"))))

@@ -576,6 +576,27 @@ async fn a_panicking_handler_does_not_take_down_the_consumer() {
     assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 0);
 }
 
+/// A database connection lost under a handler is nobody's message's fault: the batch is held
+/// and applied again once the database answers, without a trip through the retry queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_lost_mid_batch_holds_the_batch_and_spends_no_attempt() {
+    let app = spawn_app_with(|c| c.faults = parse_rules("payment:outage:2").unwrap()).await;
+    let conn = raw_connection().await;
+    let mut retries = tap(&conn, &app.topology().retry_queue(Service::Payment, 1), "").await;
+    let placed = app.place("alice", &[("KB-001", 1)]).await;
+    assert_eq!(
+        app.terminal(&placed.order_id).await.status(),
+        OrderStatus::Completed
+    );
+    let retried = tokio::time::timeout(Duration::from_millis(500), retries.next()).await;
+    assert!(
+        retried.is_err(),
+        "the batch went the retry way, spending an attempt on the outage"
+    );
+    assert_eq!(app.dlq_depth("payment.inventory-reserved").await, 0);
+    conn.close(200, "ok".into()).await.ok();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_events_wait_in_the_outbox_until_they_can_be_delivered() {
     use lapin::options::QueueBindOptions;
