@@ -34,6 +34,9 @@ const BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Upper bounds of the batch-size buckets, in deliveries: one alone up to a prefetch of 500.
+const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+
 /// Labels of the per-event counters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EventLabels {
@@ -132,6 +135,7 @@ struct Inner {
     outbox_retried: Events,
     outbox_parked: Events,
     handler_seconds: Histograms<HandlerLabels>,
+    batch_size: Histograms<HandlerLabels>,
     events_handled: Family<OutcomeLabels, Counter>,
     event_seconds: Histograms<EventLabels>,
     rpc_started: Family<Rpc, Counter>,
@@ -200,6 +204,12 @@ impl Default for Inner {
                 "orderflow_handler_duration_seconds",
                 "Time to handle one delivery, database work included",
                 histograms(),
+            ),
+            batch_size: register(
+                &mut r,
+                "orderflow_consumer_batch_size",
+                "Deliveries a consumer handled in one database transaction; _sum over _count is the mean batch",
+                Family::new_with_constructor(|| Histogram::new(BATCH_BUCKETS)),
             ),
             events_handled: register(
                 &mut r,
@@ -306,6 +316,20 @@ impl Metrics {
             Outcome::Ok
         };
         self.handled(service, kind, outcome, took);
+    }
+
+    /// A consumer of `service` took `size` deliveries from `queue` into one transaction. Its
+    /// batches grow with the backlog up to the prefetch, so the mean says whether a larger
+    /// prefetch could spread each commit over more deliveries.
+    pub fn batch_taken(&self, service: &'static str, queue: &str, size: usize) {
+        let labels = HandlerLabels {
+            service,
+            queue: queue.to_owned(),
+        };
+        self.inner
+            .batch_size
+            .get_or_create(&labels)
+            .observe(size as f64);
     }
 
     /// `service` scheduled a retry of an event of `kind`, `took` after receiving it.
@@ -436,6 +460,8 @@ mod tests {
             "orderflow.v1.InventoryReserved",
             Duration::from_millis(40),
         );
+        metrics.batch_taken("inventory-service", "ns.inventory.order-created", 1);
+        metrics.batch_taken("inventory-service", "ns.inventory.order-created", 7);
         let place = Rpc {
             grpc_type: "unary",
             grpc_service: "orderflow.v1.OrderService".to_owned(),
@@ -487,6 +513,14 @@ mod tests {
         );
         assert!(text.contains("orderflow_saga_duration_seconds_count 1\n"));
         assert!(text.contains("# TYPE orderflow_handler_duration_seconds histogram\n"));
+        let batches = "orderflow_consumer_batch_size_bucket{service=\"inventory-service\",queue=\"ns.inventory.order-created\"";
+        for (le, count) in [("1", 1), ("5", 1), ("10", 2)] {
+            assert!(
+                text.contains(&format!("{batches},le=\"{le}\"}} {count}\n")),
+                "{text}"
+            );
+        }
+        assert!(text.contains("orderflow_consumer_batch_size_sum{service=\"inventory-service\",queue=\"ns.inventory.order-created\"} 8.0\n"), "{text}");
         let handled = "orderflow_handler_duration_seconds_bucket{service=\"inventory-service\",queue=\"ns.inventory.order-created\"";
         assert!(
             text.contains(&format!("{handled},le=\"0.001\"}} 0\n")),

@@ -219,6 +219,8 @@ impl<P: Processor> Consumer<P> {
             if batch.is_empty() {
                 continue;
             }
+            self.metrics
+                .batch_taken(self.service.service_name(), &self.queue.work, batch.len());
             let results = self.process(&batch).await;
             let mut ack_up_to = None;
             for (incoming, result) in batch.iter().zip(results) {

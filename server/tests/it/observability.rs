@@ -343,6 +343,19 @@ async fn metrics_count_what_happened() {
         handled >= 4.0 + 3.0 + 3.0 + 4.0,
         "every delivery timed: {handled}"
     );
+    // Every handled delivery came in a batch of its queue's consumer.
+    for (key, handled) in last
+        .iter()
+        .filter(|(k, _)| k.starts_with("orderflow_handler_duration_seconds_count{"))
+    {
+        let labels = key.trim_start_matches("orderflow_handler_duration_seconds_count");
+        let taken = m(&format!("orderflow_consumer_batch_size_sum{labels}"));
+        let batches = m(&format!("orderflow_consumer_batch_size_count{labels}"));
+        assert!(
+            taken >= *handled && batches >= 1.0 && batches <= taken,
+            "{labels}: {handled} handled, {taken} taken in {batches} batches"
+        );
+    }
 }
 
 /// The definitions docker-compose's RabbitMQ loads must match the code's topology exactly
