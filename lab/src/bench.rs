@@ -9,6 +9,7 @@
 
 mod amqp;
 mod baseline;
+mod batches;
 mod catalog;
 mod plot;
 mod postgres;
@@ -511,6 +512,7 @@ impl Bench {
             check_warmup(&warm)?;
         }
         let phase = self.phase(mode);
+        let batches_before = batches::read(servers).await;
         let done = Arc::new(AtomicU64::new(0));
         let watch = self.watch(mode, System::Orderflow, pids, phase.orders, done.clone());
         let result = driver
@@ -524,6 +526,14 @@ impl Bench {
             )
             .await;
         let mut measured = watch.finish().await;
+        match (batches_before, batches::read(servers).await) {
+            (Ok(before), Ok(after)) => measured.batches = batches::between(&before, &after),
+            (Err(error), _) | (_, Err(error)) => {
+                eprintln!(
+                    "{mode} / orderflow: reading the consumers' batch sizes failed: {error:#}"
+                );
+            }
+        }
         let topology = Topology::new(
             self.namespace(mode, System::Orderflow),
             RETRY_MAX_ATTEMPTS - 1,
@@ -699,6 +709,7 @@ impl Bench {
             server_warnings: Vec::new(),
             server_warning_count: 0,
             backlog_at_end: usage.backlog,
+            batches: usage.batches,
             leftover_messages: std::collections::BTreeMap::new(),
             notes,
             samples: Samples {
@@ -738,6 +749,8 @@ struct Measured {
     timeline: Vec<procstat::RssPoint>,
     /// Ready messages per queue at the end of the phase.
     backlog: std::collections::BTreeMap<String, u64>,
+    /// orderflow's consumer batches during the phase, by queue.
+    batches: std::collections::BTreeMap<String, batches::Batches>,
 }
 
 impl Watch {
@@ -800,6 +813,7 @@ impl Watch {
             machine,
             timeline: self.sampler.finish().await,
             backlog: std::collections::BTreeMap::new(),
+            batches: std::collections::BTreeMap::new(),
         }
     }
 }

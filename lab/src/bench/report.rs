@@ -12,6 +12,7 @@ use orderflow_server::db::DbSync;
 
 use super::{
     Mode,
+    batches::Batches,
     plot::{self, Axis, Figure, Panel, Scale, Series},
     stats::{Latencies, Summary},
 };
@@ -175,6 +176,10 @@ pub(crate) struct Run {
     /// Queues holding ready messages when the measured phase ended, with their counts: work
     /// the system had not caught up with although the orders had completed.
     pub(crate) backlog_at_end: BTreeMap<String, u64>,
+    /// orderflow: each queue's consumer batches (database transactions) during the measured
+    /// phase.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) batches: BTreeMap<String, Batches>,
     /// Queues that still held messages when the namespace was deleted.
     pub(crate) leftover_messages: BTreeMap<String, u64>,
     pub(crate) notes: Vec<String>,
@@ -482,6 +487,19 @@ impl Report {
                 );
                 for (queue, count) in &run.backlog_at_end {
                     let _ = writeln!(out, "  {count:>7}  {queue}");
+                }
+            }
+            if !run.batches.is_empty() {
+                let transactions: f64 = run.batches.values().map(|b| b.batches).sum();
+                let per_order = transactions / (run.completed + run.failed).max(1) as f64;
+                let _ = writeln!(
+                    out,
+                    "\n{name}: consumer transactions: {per_order:.2} per order; deliveries per \
+                     transaction by queue (mean, transactions):"
+                );
+                for (queue, batches) in &run.batches {
+                    let mean = batches.mean().unwrap_or_default();
+                    let _ = writeln!(out, "  {mean:>7.1}  {:>7}  {queue}", batches.batches);
                 }
             }
             for note in &run.notes {
