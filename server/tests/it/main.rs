@@ -20,6 +20,7 @@ mod outbox;
 mod pg_database;
 mod place_order;
 mod process;
+mod publish;
 mod readme;
 mod recovery_traces;
 mod saga;
