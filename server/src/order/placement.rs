@@ -93,25 +93,29 @@ impl Writer {
                 _ = shutdown.cancelled() => {
                     self.rx.close();
                     while let Some(request) = self.rx.recv().await {
-                        self.commit(vec![request]).await;
+                        self.commit(request).await;
                     }
                     return Ok(());
                 }
             };
-            let mut batch = vec![first];
-            while batch.len() < BATCH {
-                match self.rx.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
-                }
-            }
-            self.commit(batch).await;
+            self.commit(first).await;
         }
     }
 
-    /// Stores one batch in one transaction and answers every caller.
-    async fn commit(&self, batch: Vec<Request>) {
-        let mut tx = match self.db.begin().await {
+    /// Stores `first` and every order waiting behind it (up to [`BATCH`]) in one transaction,
+    /// and answers every caller.
+    async fn commit(&mut self, first: Request) {
+        // The batch is taken once the database's write turn is ours: orders that arrive while
+        // the consumers' transactions hold it join this commit instead of waiting for the next.
+        let began = self.db.begin().await;
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match self.rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let mut tx = match began {
             Ok(tx) => tx,
             Err(error) => return fail_all(batch, &error),
         };
