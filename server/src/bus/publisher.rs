@@ -5,6 +5,8 @@
 //! pipelined: every message is queued for writing before anything is awaited, then all
 //! confirms are awaited together.
 
+use std::collections::{HashMap, HashSet};
+
 use futures_util::{
     future::{join_all, maybe_done},
     poll,
@@ -82,23 +84,16 @@ impl Publisher {
             let _ = poll!(write.as_mut());
             pending.push(write);
         }
-        let results = join_all(pending.into_iter().map(|mut write| async move {
+        let confirmations = join_all(pending.into_iter().map(|mut write| async move {
             write.as_mut().await;
             let published = write
                 .as_mut()
                 .take_output()
                 .expect("a completed MaybeDone holds its output");
-            match published?.await? {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                    Err(PublishError::Unroutable(returned.reply_text.to_string()))
-                }
-                Confirmation::Nack(None) => Err(PublishError::Nacked),
-                // confirm_select is always on; treat a missing confirm as a refusal.
-                Confirmation::NotRequested => Err(PublishError::Nacked),
-            }
+            Ok(published?.await?)
         }))
         .await;
+        let results = outcomes(messages, confirmations);
         if results
             .iter()
             .any(|r| matches!(r, Err(PublishError::Amqp(_))))
@@ -137,6 +132,67 @@ impl Publisher {
             *cached = None;
         }
     }
+}
+
+/// Each message's result from its confirm. A message the broker returned (no queue took it)
+/// is unroutable, but lapin hands a returned message to whichever confirm completes next, and
+/// the confirms of a `multiple` ack complete in no particular order: the return may ride on
+/// another message's confirm. Its message id says whose it is; only a returned message without
+/// one of this batch's ids stays with the confirm that carried it.
+fn outcomes(
+    messages: &[Outgoing],
+    confirmations: Vec<Result<Confirmation, PublishError>>,
+) -> Vec<Result<(), PublishError>> {
+    let id = |message: &Outgoing| {
+        message
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+    };
+    let ours: HashSet<String> = messages.iter().filter_map(id).collect();
+    let mut returned: HashMap<String, String> = HashMap::new();
+    let mut own: Vec<(Result<(), PublishError>, Option<String>)> =
+        Vec::with_capacity(messages.len());
+    for confirmation in confirmations {
+        let (result, carried) = match confirmation {
+            Ok(Confirmation::Ack(carried)) => (Ok(()), carried),
+            Ok(Confirmation::Nack(carried)) => (Err(PublishError::Nacked), carried),
+            // confirm_select is always on; treat a missing confirm as a refusal.
+            Ok(Confirmation::NotRequested) => (Err(PublishError::Nacked), None),
+            Err(error) => (Err(error), None),
+        };
+        let mut unclaimed = None;
+        if let Some(message) = carried {
+            let reply = message.reply_text.to_string();
+            let owner = message
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .filter(|owner| ours.contains(owner));
+            match owner {
+                Some(owner) => {
+                    returned.insert(owner, reply);
+                }
+                None => unclaimed = Some(reply),
+            }
+        }
+        own.push((result, unclaimed));
+    }
+    own.into_iter()
+        .zip(messages)
+        .map(|((result, unclaimed), message)| {
+            let reply = id(message)
+                .and_then(|id| returned.remove(&id))
+                .or(unclaimed);
+            match (result, reply) {
+                (Ok(()), Some(reply)) => Err(PublishError::Unroutable(reply)),
+                (result, _) => result,
+            }
+        })
+        .collect()
 }
 
 fn clone_error(error: &PublishError) -> PublishError {
