@@ -12,8 +12,9 @@ use futures_util::{
     poll,
 };
 use lapin::{
-    Channel, Confirmation,
+    BasicProperties, Channel, Confirmation,
     options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::ShortString,
 };
 use tokio::sync::Mutex;
 
@@ -143,14 +144,10 @@ fn outcomes(
     messages: &[Outgoing],
     confirmations: Vec<Result<Confirmation, PublishError>>,
 ) -> Vec<Result<(), PublishError>> {
-    let id = |message: &Outgoing| {
-        message
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.to_string())
-    };
-    let ours: HashSet<String> = messages.iter().filter_map(id).collect();
+    let ours: HashSet<&str> = messages
+        .iter()
+        .filter_map(|message| message_id(&message.properties))
+        .collect();
     let mut returned: HashMap<String, String> = HashMap::new();
     let mut own: Vec<(Result<(), PublishError>, Option<String>)> =
         Vec::with_capacity(messages.len());
@@ -165,16 +162,9 @@ fn outcomes(
         let mut unclaimed = None;
         if let Some(message) = carried {
             let reply = message.reply_text.to_string();
-            let owner = message
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.to_string())
-                .filter(|owner| ours.contains(owner));
-            match owner {
+            match message_id(&message.delivery.properties).filter(|id| ours.contains(id)) {
                 Some(owner) => {
-                    returned.insert(owner, reply);
+                    returned.insert(owner.to_owned(), reply);
                 }
                 None => unclaimed = Some(reply),
             }
@@ -184,8 +174,8 @@ fn outcomes(
     own.into_iter()
         .zip(messages)
         .map(|((result, unclaimed), message)| {
-            let reply = id(message)
-                .and_then(|id| returned.remove(&id))
+            let reply = message_id(&message.properties)
+                .and_then(|id| returned.remove(id))
                 .or(unclaimed);
             match (result, reply) {
                 (Ok(()), Some(reply)) => Err(PublishError::Unroutable(reply)),
@@ -193,6 +183,10 @@ fn outcomes(
             }
         })
         .collect()
+}
+
+fn message_id(properties: &BasicProperties) -> Option<&str> {
+    properties.message_id().as_ref().map(ShortString::as_str)
 }
 
 fn clone_error(error: &PublishError) -> PublishError {
