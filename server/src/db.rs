@@ -28,6 +28,10 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::service::Service;
 
+mod writes;
+
+pub use writes::Writes;
+
 /// Key of the PostgreSQL advisory lock taken while creating a schema.
 const SCHEMA_LOCK: i64 = 0x6f72_6465_7266_6c6f; // "orderflo"
 

@@ -15,7 +15,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
     bus::{Event, HandleError, Incoming, Processor, nth_delay, pause::Pause, propagation},
-    db::{self, Database, Tx},
+    db::{self, Database, Tx, Writes},
     fault::Faults,
     outbox::{Outbox, Staged},
     time,
@@ -27,6 +27,7 @@ pub struct Context<'a> {
     db: &'a Database,
     serialized: &'a mut Vec<&'static str>,
     staged: &'a mut Vec<Staged>,
+    writes: Writes,
     after_commit: AfterCommit,
 }
 
@@ -64,6 +65,18 @@ impl Context<'_> {
         id
     }
 
+    /// Writes whose results nothing reads, to go with the batch's last round trip before the
+    /// commit (see [`Writes`]): what [`Handler::finish`] writes back. Anything read later in
+    /// the batch does not see them yet.
+    pub fn writes(&mut self) -> &mut Writes {
+        &mut self.writes
+    }
+
+    /// [`Context::conn`] and [`Context::writes`] at once.
+    pub fn conn_and_writes(&mut self) -> (&mut AnyConnection, &mut Writes) {
+        (self.conn, &mut self.writes)
+    }
+
     /// Runs `f` after the transaction committed (never if it rolls back).
     pub fn after_commit(&mut self, f: impl FnOnce() + Send + 'static) {
         self.after_commit.push(Box::new(f));
@@ -87,9 +100,10 @@ type AfterCommit = Vec<Box<dyn FnOnce() + Send>>;
 /// A batch's messages are handled one after the other inside one transaction. What they read
 /// and write may be gathered per batch instead: [`Handler::prepare`] loads the rows every
 /// message of the batch needs with a few statements, [`Handler::handle`] works on those rows in
-/// memory, and [`Handler::finish`] writes the changes back with a few more. Every statement is
-/// a round trip to the database's connection thread, and under load those round trips, not
-/// the SQL, are what a message costs.
+/// memory, and [`Handler::finish`] writes the changes back with a few more, which go with the
+/// outbox rows as the commit's last round trip where they need no answer
+/// ([`Context::writes`]). Every round trip to the database's connection thread costs more
+/// than the SQL it carries, and under load those round trips are what a message costs.
 pub trait Handler: Send + Sync + 'static {
     /// What one batch loaded and has yet to write.
     type Batch: Send;
@@ -110,7 +124,8 @@ pub trait Handler: Send + Sync + 'static {
         message: &Incoming,
     ) -> impl Future<Output = Result<(), HandleError>> + Send;
 
-    /// Writes what `batch` holds, after the last message and before the commit.
+    /// Writes what `batch` holds, after the last message and before the commit, through
+    /// [`Context::writes`] where nothing needs an answer.
     fn finish(
         &self,
         cx: &mut Context<'_>,
@@ -245,10 +260,12 @@ impl<H: Handler> Inbox<H> {
             Err(error) => return Attempt::Failed(error.into()),
         };
         match self.apply_all(&mut tx, batch, keys, failed).await {
-            Ok((staged, after_commit)) => match self.outbox.commit(tx, staged).await {
-                Ok(()) => Attempt::Committed(after_commit),
-                Err(error) => Attempt::Failed(error.into()),
-            },
+            Ok((writes, staged, after_commit)) => {
+                match self.outbox.commit(tx, writes, staged).await {
+                    Ok(()) => Attempt::Committed(after_commit),
+                    Err(error) => Attempt::Failed(error.into()),
+                }
+            }
             Err(attempt) => match tx.rollback().await {
                 Err(error) if matches!(attempt, Attempt::Rejected { .. }) => {
                     Attempt::Failed(error.into())
@@ -259,18 +276,18 @@ impl<H: Handler> Inbox<H> {
     }
 
     /// Records the batch in the inbox and has the handler apply the new messages, inside `tx`.
-    /// Returns the events to stage and what to run after the commit.
+    /// Returns the writes still to run, the events to stage and what to run after the commit.
     ///
     /// The batch's inbox records go in with one statement, and the events its handlers staged
-    /// with another, just before the commit: every statement is a round trip to the database's
-    /// connection thread, and those round trips, not the SQL, are what a batch costs.
+    /// with the handler's last writes, just before the commit: every round trip to the
+    /// database's connection thread costs more than the SQL it carries.
     async fn apply_all(
         &self,
         tx: &mut Tx,
         batch: &[Incoming],
         keys: &[Option<String>],
         failed: &[Option<HandleError>],
-    ) -> Result<(Vec<Staged>, AfterCommit), Attempt> {
+    ) -> Result<(Writes, Vec<Staged>, AfterCommit), Attempt> {
         let pending = keys
             .iter()
             .zip(failed)
@@ -301,6 +318,7 @@ impl<H: Handler> Inbox<H> {
             db: &self.db,
             serialized: &mut serialized,
             staged: &mut staged,
+            writes: Writes::new(self.db.backend()),
             after_commit: Vec::new(),
         };
         let messages: Vec<&Incoming> = todo.iter().map(|&index| &batch[index]).collect();
@@ -327,8 +345,12 @@ impl<H: Handler> Inbox<H> {
             .finish(&mut cx, loaded)
             .await
             .map_err(|error| Attempt::Failed(error.into()))?;
-        let after_commit = cx.after_commit;
-        Ok((staged, after_commit))
+        let Context {
+            writes,
+            after_commit,
+            ..
+        } = cx;
+        Ok((writes, staged, after_commit))
     }
 
     /// Records `keys` in the inbox; returns those that were not there yet. Keys already

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 use crate::{
     bus::{Event, propagation},
-    db::{self, Backend, Tx},
+    db::{self, Backend, Tx, Writes},
     service::Service,
     time,
 };
@@ -125,20 +125,24 @@ impl Outbox {
         self.inner.wake.notify_one();
     }
 
-    /// Writes `staged` (this transaction's events) in `tx`, deletes the rows the broker has
-    /// confirmed since the last write (SQLite; on PostgreSQL each relay deletes its own),
-    /// commits, and hands the events to the relay. Rolls back on failure; a failed commit
-    /// (which may have taken effect all the same) makes the relay read the table.
-    pub async fn commit(&self, mut tx: Tx, staged: Vec<Staged>) -> sqlx::Result<()> {
+    /// Runs `writes` (the transaction's last ones), writes `staged` (its events) in `tx`,
+    /// deletes the rows the broker has confirmed since the last write (SQLite; on PostgreSQL
+    /// each relay deletes its own), all in one round trip on SQLite; then commits and hands the
+    /// events to the relay. Rolls back on failure; a failed commit (which may have taken effect
+    /// all the same) makes the relay read the table.
+    pub async fn commit(
+        &self,
+        mut tx: Tx,
+        mut writes: Writes,
+        staged: Vec<Staged>,
+    ) -> sqlx::Result<()> {
         let cleanup = Cleanup {
             outbox: self,
             message_ids: self.feed().map(Feed::take_confirmed).unwrap_or_default(),
         };
-        let written = async {
-            store::delete(&mut tx, &cleanup.message_ids).await?;
-            write(&mut tx, &staged).await
-        }
-        .await;
+        store::add_delete(&mut writes, &cleanup.message_ids);
+        write(&mut writes, &staged);
+        let written = writes.execute(&mut tx).await;
         if let Err(error) = written {
             let _ = tx.rollback().await;
             return Err(error);
@@ -236,29 +240,25 @@ impl Staged {
 /// Rows per INSERT: seven parameters each stays under SQLite's oldest limit of 999.
 const ROWS_PER_INSERT: usize = 128;
 
-/// Writes `rows` in the caller's transaction, in order, a few statements for any number of rows:
-/// each statement is a round trip to the database's connection thread.
-pub async fn write(conn: &mut AnyConnection, rows: &[Staged]) -> sqlx::Result<()> {
+/// Adds the insert of `rows` to `writes`, in order, a statement per [`ROWS_PER_INSERT`] rows.
+pub fn write(writes: &mut Writes, rows: &[Staged]) {
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let sql = format!(
             "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at) VALUES {}",
-            db::values(db::Backend::of(conn), chunk.len(), 7)
+            db::values(writes.backend(), chunk.len(), 7)
         );
-        let mut query =
-            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
+        writes.statement(&sql, chunk.len());
         for row in chunk {
-            query = query
-                .bind(&row.message_id)
+            writes
+                .bind(row.message_id.clone())
                 .bind(row.routing_key)
-                .bind(&row.message_type)
-                .bind(&row.correlation_id)
-                .bind(&row.body)
-                .bind(&row.trace)
+                .bind(row.message_type.clone())
+                .bind(row.correlation_id.clone())
+                .bind(row.body.clone())
+                .bind(row.trace.clone())
                 .bind(row.created_at);
         }
-        query.execute(&mut *conn).await?;
     }
-    Ok(())
 }
 
 /// Outbox rows not yet published, and how long the oldest of them has waited, read at scrape

@@ -57,8 +57,9 @@ impl Handler for InventoryHandler {
     }
 
     async fn finish(&self, cx: &mut Context<'_>, mut ledger: Ledger) -> Result<(), HandleError> {
+        let (conn, writes) = cx.conn_and_writes();
         ledger
-            .write(cx.conn())
+            .write(conn, writes)
             .await
             .map_err(HandleError::transient)
     }

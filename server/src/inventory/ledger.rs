@@ -1,7 +1,7 @@
 //! The stock and reservations one batch of messages reads and changes: read with two
 //! statements before its messages are applied, decided in memory order by order, and written
-//! back with two statements before it commits. Statements per order and SKU would each be a
-//! round trip to the database.
+//! back with two statements, the second with the commit. Statements per order and SKU would
+//! each be a round trip to the database.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -9,7 +9,10 @@ use orderflow_proto::orderflow::v1 as pb;
 use sqlx::AnyConnection;
 
 use super::stock::{self, Decision, Reservation, ReservedLine, Row};
-use crate::time;
+use crate::{
+    db::{self, Writes},
+    time,
+};
 
 /// The batch's view of stock: what the database held, less what the batch reserved so far.
 #[derive(Debug, Default)]
@@ -100,7 +103,9 @@ impl Ledger {
     ) -> sqlx::Result<Option<Vec<ReservedLine>>> {
         // Released from the database, so a reservation of this batch must be there first.
         if self.reservations.iter().any(|r| r.order_id == order_id) {
-            self.write(conn).await?;
+            let mut writes = Writes::new(db::Backend::of(conn));
+            self.write(conn, &mut writes).await?;
+            writes.execute(conn).await?;
         }
         let released = stock::release(conn, order_id, for_update).await?;
         for line in released.iter().flatten() {
@@ -111,15 +116,21 @@ impl Ledger {
         Ok(released)
     }
 
-    /// Writes what the batch took and decided since the last write.
-    pub async fn write(&mut self, conn: &mut AnyConnection) -> sqlx::Result<()> {
+    /// Writes what the batch took and decided since the last write: the stock at once, as its
+    /// update checks that every row it meant to change was there to change; the reservations
+    /// into `writes`.
+    pub async fn write(
+        &mut self,
+        conn: &mut AnyConnection,
+        writes: &mut Writes,
+    ) -> sqlx::Result<()> {
         let taken: Vec<(&str, i64)> = self
             .taken
             .iter()
             .map(|(sku, units)| (sku.as_str(), *units))
             .collect();
         stock::take(conn, &taken).await?;
-        stock::insert(conn, &self.reservations, time::now_micros()).await?;
+        stock::insert(writes, &self.reservations, time::now_micros())?;
         self.taken.clear();
         self.reservations.clear();
         Ok(())
@@ -210,7 +221,9 @@ mod tests {
                     .unwrap(),
             );
         }
-        ledger.write(&mut tx).await.unwrap();
+        let mut writes = Writes::new(db.backend());
+        ledger.write(&mut tx, &mut writes).await.unwrap();
+        writes.execute(&mut tx).await.unwrap();
         tx.commit().await.unwrap();
 
         assert!(matches!(
@@ -253,7 +266,9 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(again, Decision::Reserved { .. }), "{again:?}");
-        ledger.write(&mut tx).await.unwrap();
+        let mut writes = Writes::new(db.backend());
+        ledger.write(&mut tx, &mut writes).await.unwrap();
+        writes.execute(&mut tx).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(stock::levels(db.pool()).await.unwrap()["A"], 0);
     }

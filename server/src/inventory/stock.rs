@@ -9,7 +9,10 @@ use orderflow_proto::orderflow::v1 as pb;
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyConnection, AnyPool};
 
-use crate::{db, time};
+use crate::{
+    db::{self, Writes},
+    time,
+};
 
 /// One reserved line, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,23 +136,18 @@ pub struct Reservation {
     pub total_cents: i64,
 }
 
-/// Stores `reservations`, at `now`.
-pub async fn insert(
-    conn: &mut AnyConnection,
-    reservations: &[Reservation],
-    now: i64,
-) -> sqlx::Result<()> {
+/// Adds the insert of `reservations`, at `now`, to `writes`.
+pub fn insert(writes: &mut Writes, reservations: &[Reservation], now: i64) -> sqlx::Result<()> {
     for chunk in reservations.chunks(KEYS_PER_STATEMENT / 6) {
         let sql = format!(
             "INSERT INTO reservations (order_id, status, lines, total_cents, created_at, updated_at) VALUES {}",
-            db::values(db::Backend::of(conn), chunk.len(), 6)
+            db::values(writes.backend(), chunk.len(), 6)
         );
-        let mut query =
-            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
+        writes.statement(&sql, chunk.len());
         for reservation in chunk {
             let lines = serde_json::to_string(&reservation.lines)
                 .map_err(|e| sqlx::Error::Encode(e.into()))?;
-            query = query
+            writes
                 .bind(reservation.order_id.clone())
                 .bind(reservation.status)
                 .bind(lines)
@@ -157,7 +155,6 @@ pub async fn insert(
                 .bind(now)
                 .bind(now);
         }
-        query.execute(&mut *conn).await?;
     }
     Ok(())
 }

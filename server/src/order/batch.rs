@@ -1,13 +1,13 @@
 //! The orders one batch of messages touches: read with one statement before its messages are
-//! applied, changed in memory message by message, and written back with two statements before
-//! it commits. One statement per order and event would each be a round trip to the database.
+//! applied, changed in memory message by message, and written back with two statements that go
+//! with the commit. One statement per order and event would each be a round trip to the database.
 
 use std::collections::{BTreeSet, HashMap};
 
 use sqlx::AnyConnection;
 
 use super::{Change, Order, Status, store};
-use crate::time;
+use crate::{db::Writes, time};
 
 /// The batch's orders, as its messages have left them so far.
 #[derive(Debug, Default)]
@@ -92,15 +92,15 @@ impl Orders {
         changes
     }
 
-    /// Writes every change of the batch.
-    pub async fn write(self, conn: &mut AnyConnection) -> sqlx::Result<()> {
+    /// Adds the writes of every change of the batch to `writes`.
+    pub fn write(self, writes: &mut Writes) -> sqlx::Result<()> {
         let orders: Vec<&Order> = self
             .changed
             .iter()
             .filter_map(|id| self.read.get(id).and_then(Option::as_ref))
             .collect();
         if !orders.is_empty() {
-            store::update_many(conn, &orders, time::now_micros()).await?;
+            store::update_many(writes, &orders, time::now_micros())?;
         }
         if !self.history.is_empty() {
             let rows: Vec<(&str, &Change)> = self
@@ -108,7 +108,7 @@ impl Orders {
                 .iter()
                 .map(|(id, change)| (id.as_str(), change))
                 .collect();
-            store::insert_changes(conn, &rows).await?;
+            store::insert_changes(writes, &rows);
         }
         Ok(())
     }
@@ -138,9 +138,11 @@ mod tests {
         };
         let trace = opentelemetry::Context::new();
         let mut tx = db.begin().await.unwrap();
-        let placed = store::place(&mut tx, &[(&request, &trace)], &mut Vec::new())
+        let mut writes = Writes::new(db.backend());
+        let placed = store::place(&mut tx, &mut writes, &[(&request, &trace)], &mut Vec::new())
             .await
             .unwrap();
+        writes.execute(&mut tx).await.unwrap();
         tx.commit().await.unwrap();
         let Ok(Placed::Created(order)) = &placed[0] else {
             panic!("{placed:?}")
@@ -168,7 +170,9 @@ mod tests {
         order.transaction_id = Some("tx-1".into());
         let changes = orders.record(order, &[Status::Completed], "");
         assert_eq!(changes[0].version, 3);
-        orders.write(&mut tx).await.unwrap();
+        let mut writes = Writes::new(db.backend());
+        orders.write(&mut writes).unwrap();
+        writes.execute(&mut tx).await.unwrap();
         tx.commit().await.unwrap();
 
         let stored = store::get(db.pool(), id).await.unwrap().unwrap();

@@ -131,10 +131,7 @@ async fn load(cx: &mut Context<'_>, ids: &[&str]) -> Result<Orders, HandleError>
 
 /// Writes what the batch changed.
 async fn write(cx: &mut Context<'_>, orders: Orders) -> Result<(), HandleError> {
-    orders
-        .write(cx.conn())
-        .await
-        .map_err(HandleError::transient)
+    orders.write(cx.writes()).map_err(HandleError::transient)
 }
 
 /// Compensation done: no status change, but the order records when its stock went back.

@@ -13,7 +13,10 @@ use super::{
     store::{self, PlaceError, Placed},
     watch::Hub,
 };
-use crate::{db::Database, outbox::Outbox};
+use crate::{
+    db::{Database, Writes},
+    outbox::Outbox,
+};
 
 /// Most orders one transaction stores.
 const BATCH: usize = 256;
@@ -124,14 +127,15 @@ impl Writer {
         // A reused key is found by a read before anything is written, so a refused order
         // leaves nothing behind and needs no savepoint; a database error leaves a half-written
         // batch, which fails as a whole (callers retry with their idempotency keys).
-        let results = match store::place(&mut tx, &orders, &mut staged).await {
+        let mut writes = Writes::new(self.db.backend());
+        let results = match store::place(&mut tx, &mut writes, &orders, &mut staged).await {
             Ok(results) => results,
             Err(error) => {
                 let _ = tx.rollback().await;
                 return fail_all(batch, &error);
             }
         };
-        if let Err(error) = self.outbox.commit(tx, staged).await {
+        if let Err(error) = self.outbox.commit(tx, writes, staged).await {
             return fail_all(batch, &error);
         }
         for (result, request) in results.into_iter().zip(batch) {

@@ -8,7 +8,7 @@ use sqlx::{AnyConnection, AnyPool, FromRow};
 
 use super::{Change, Item, NewOrder, Order, Status};
 use crate::{
-    db,
+    db::{self, Writes},
     outbox::Staged,
     time::{self, timestamp},
 };
@@ -112,14 +112,16 @@ fn parse_status(s: &str) -> Result<Status, sqlx::Error> {
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown order status `{s}`").into()))
 }
 
-/// Stores new orders on `conn` (inside the caller's transaction) and adds their
-/// `OrderCreated` events, each with its request's trace context, to `staged` for the caller to
-/// write to the outbox in the same transaction. A request whose idempotency key names an order
-/// already stored, or one earlier in `orders`, gets that order instead (or `KeyReused`).
-/// The new orders go in with a few statements whatever their number, as each statement is a
-/// round trip to the database. Nothing is durable until the caller commits.
+/// Stores new orders: looks their idempotency keys up on `conn` (inside the caller's
+/// transaction), adds their inserts to `writes` and their `OrderCreated` events, each with its
+/// request's trace context, to `staged`, for the caller to run and write to the outbox in the
+/// same transaction. A request whose idempotency key names an order already stored, or one
+/// earlier in `orders`, gets that order instead (or `KeyReused`). The new orders go in with a
+/// few statements whatever their number, as each statement is a round trip to the database.
+/// Nothing is durable until the caller commits.
 pub async fn place(
     conn: &mut AnyConnection,
+    writes: &mut Writes,
     orders: &[(&NewOrder, &opentelemetry::Context)],
     staged: &mut Vec<Staged>,
 ) -> sqlx::Result<Vec<Result<Placed, PlaceError>>> {
@@ -153,7 +155,7 @@ pub async fn place(
         created.push(new);
         digests.push(digest);
     }
-    insert_orders(conn, &created, &digests).await?;
+    insert_orders(writes, &created, &digests)?;
     Ok(results)
 }
 
@@ -237,26 +239,22 @@ fn created_event(new: &Order, order: &NewOrder) -> pb::OrderCreated {
 /// New orders per INSERT: nine parameters each stays under SQLite's oldest limit of 999.
 const ORDERS_PER_INSERT: usize = 100;
 
-/// Inserts `orders` (new, with their request digests) and their first history rows.
-async fn insert_orders(
-    conn: &mut AnyConnection,
-    orders: &[Order],
-    digests: &[String],
-) -> sqlx::Result<()> {
+/// Adds the inserts of `orders` (new, with their request digests) and of their first history
+/// rows to `writes`.
+fn insert_orders(writes: &mut Writes, orders: &[Order], digests: &[String]) -> sqlx::Result<()> {
     for (chunk, digests) in orders
         .chunks(ORDERS_PER_INSERT)
         .zip(digests.chunks(ORDERS_PER_INSERT))
     {
         let sql = format!(
             "INSERT INTO orders (order_id, customer_id, items, status, version, idempotency_key, request_digest, created_at, updated_at) VALUES {}",
-            db::values(db::Backend::of(conn), chunk.len(), 9)
+            db::values(writes.backend(), chunk.len(), 9)
         );
-        let mut query =
-            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
+        writes.statement(&sql, chunk.len());
         for (order, digest) in chunk.iter().zip(digests) {
             let items =
                 serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
-            query = query
+            writes
                 .bind(order.order_id.clone())
                 .bind(order.customer_id.clone())
                 .bind(items)
@@ -267,7 +265,6 @@ async fn insert_orders(
                 .bind(order.created_at)
                 .bind(order.updated_at);
         }
-        query.execute(&mut *conn).await?;
 
         let first: Vec<Change> = chunk
             .iter()
@@ -283,7 +280,7 @@ async fn insert_orders(
             .zip(&first)
             .map(|(order, change)| (order.order_id.as_str(), change))
             .collect();
-        insert_changes(conn, &rows).await?;
+        insert_changes(writes, &rows);
     }
     Ok(())
 }
@@ -406,12 +403,9 @@ pub async fn load_many(
     Ok(orders)
 }
 
-/// Writes the changeable columns of `orders` (as changed in memory) back, at `now`.
-pub async fn update_many(
-    conn: &mut AnyConnection,
-    orders: &[&Order],
-    now: i64,
-) -> sqlx::Result<()> {
+/// Adds the update of the changeable columns of `orders` (as changed in memory), at `now`, to
+/// `writes`.
+pub fn update_many(writes: &mut Writes, orders: &[&Order], now: i64) -> sqlx::Result<()> {
     for chunk in orders.chunks(ORDERS_PER_INSERT) {
         // Both engines name a VALUES list's columns column1, column2, …
         let sql = format!(
@@ -419,14 +413,13 @@ pub async fn update_many(
                     version = v.column5, failure_reason = v.column6, transaction_id = v.column7,
                     stock_released_at = v.column8, updated_at = v.column9
              FROM (VALUES {}) AS v WHERE orders.order_id = v.column1",
-            db::values(db::Backend::of(conn), chunk.len(), 9)
+            db::values(writes.backend(), chunk.len(), 9)
         );
-        let mut query =
-            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
+        writes.statement(&sql, chunk.len());
         for order in chunk {
             let items =
                 serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
-            query = query
+            writes
                 .bind(order.order_id.clone())
                 .bind(items)
                 .bind(order.total_cents)
@@ -437,34 +430,27 @@ pub async fn update_many(
                 .bind(order.stock_released_at)
                 .bind(now);
         }
-        query.execute(&mut *conn).await?;
     }
     Ok(())
 }
 
-/// Appends status changes, each with the id of its order.
-pub async fn insert_changes(
-    conn: &mut AnyConnection,
-    rows: &[(&str, &Change)],
-) -> sqlx::Result<()> {
+/// Adds the insert of status changes, each with the id of its order, to `writes`.
+pub fn insert_changes(writes: &mut Writes, rows: &[(&str, &Change)]) {
     for chunk in rows.chunks(CHANGES_PER_INSERT) {
         let sql = format!(
             "INSERT INTO order_history (order_id, version, status, reason, at) VALUES {}",
-            db::values(db::Backend::of(conn), chunk.len(), 5)
+            db::values(writes.backend(), chunk.len(), 5)
         );
-        let mut query =
-            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
+        writes.statement(&sql, chunk.len());
         for (order_id, change) in chunk {
-            query = query
+            writes
                 .bind(order_id.to_string())
                 .bind(change.version as i64)
                 .bind(change.status.as_str())
                 .bind(change.reason.clone())
                 .bind(change.at);
         }
-        query.execute(&mut *conn).await?;
     }
-    Ok(())
 }
 
 /// Order ids per `IN (…)` list, and history rows per INSERT (five parameters each): both stay
@@ -550,7 +536,11 @@ mod tests {
         let orders: Vec<_> = batch.iter().map(|r| (r, &trace)).collect();
         let mut staged = Vec::new();
         let mut tx = db.begin().await.unwrap();
-        let results = place(&mut tx, &orders, &mut staged).await.unwrap();
+        let mut writes = Writes::new(db.backend());
+        let results = place(&mut tx, &mut writes, &orders, &mut staged)
+            .await
+            .unwrap();
+        writes.execute(&mut tx).await.unwrap();
         tx.commit().await.unwrap();
 
         let first = created(&results[0]);
@@ -577,7 +567,8 @@ mod tests {
         // A later batch finds the stored order by its key.
         let retry = request("alice", 1, Some("k"));
         let mut tx = db.begin().await.unwrap();
-        let again = place(&mut tx, &[(&retry, &trace)], &mut Vec::new())
+        let mut writes = Writes::new(db.backend());
+        let again = place(&mut tx, &mut writes, &[(&retry, &trace)], &mut Vec::new())
             .await
             .unwrap();
         tx.rollback().await.unwrap();

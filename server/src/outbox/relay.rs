@@ -66,12 +66,12 @@ struct Round {
 
 /// The writes a round ends with, in one transaction.
 #[derive(Debug, Default)]
-struct Writes {
+struct RoundWrites {
     delete: Vec<String>,
     reschedule: Vec<Reschedule>,
 }
 
-impl Writes {
+impl RoundWrites {
     fn len(&self) -> usize {
         self.delete.len() + self.reschedule.len()
     }
@@ -314,7 +314,7 @@ impl Relay {
 
     /// Publishes `rows` with confirms and decides each one's fate; parks the rows refused for
     /// the last time. Nothing is written yet: a row is deleted only with its confirm in hand.
-    async fn relay(&self, rows: &[Row]) -> (Round, Writes) {
+    async fn relay(&self, rows: &[Row]) -> (Round, RoundWrites) {
         let service = self.service();
         let spans: Vec<tracing::Span> = rows.iter().map(|row| self.publish_span(row)).collect();
         let messages: Vec<Outgoing> = rows
@@ -331,7 +331,7 @@ impl Relay {
             claimed: rows.len(),
             ..Round::default()
         };
-        let mut writes = Writes::default();
+        let mut writes = RoundWrites::default();
         let mut parking = Vec::new();
         for (index, result) in results.into_iter().enumerate() {
             let (row, span) = (&rows[index], &spans[index]);
@@ -400,7 +400,7 @@ impl Relay {
         messages: &[Outgoing],
         parking: Vec<Parking>,
         round: &mut Round,
-        writes: &mut Writes,
+        writes: &mut RoundWrites,
     ) {
         let service = self.service();
         let now = SystemTime::now();

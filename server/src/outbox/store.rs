@@ -5,7 +5,7 @@
 use sqlx::{AnyConnection, FromRow};
 
 use super::Staged;
-use crate::db;
+use crate::db::{self, Writes};
 
 /// One staged event, with its retry state.
 #[derive(Debug, Clone, FromRow)]
@@ -95,19 +95,23 @@ const IDS_PER_DELETE: usize = 500;
 /// Deletes rows whose publish (or park) the broker confirmed, by message id. A crash before
 /// this delete republishes them, and consumers drop the duplicate by message id.
 pub(super) async fn delete(conn: &mut AnyConnection, message_ids: &[String]) -> sqlx::Result<()> {
+    let mut writes = Writes::new(db::Backend::of(conn));
+    add_delete(&mut writes, message_ids);
+    writes.execute(conn).await
+}
+
+/// Adds [`delete`]'s statements to `writes`.
+pub(super) fn add_delete(writes: &mut Writes, message_ids: &[String]) {
     for chunk in message_ids.chunks(IDS_PER_DELETE) {
         let sql = format!(
             "DELETE FROM outbox WHERE message_id IN ({})",
-            db::params(db::Backend::of(conn), chunk.len())
+            db::params(writes.backend(), chunk.len())
         );
-        let mut query =
-            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
+        writes.statement(&sql, chunk.len());
         for id in chunk {
-            query = query.bind(id);
+            writes.bind(id.clone());
         }
-        query.execute(&mut *conn).await?;
     }
-    Ok(())
 }
 
 /// A refused row's next try.

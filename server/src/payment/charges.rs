@@ -1,13 +1,16 @@
 //! The charge decisions of one batch of messages: which of its orders were charged before,
 //! read with one statement before its messages are applied, and the new decisions, written
-//! with one statement before it commits. A charge is never made twice: an order charged
+//! with one statement that goes with the commit. A charge is never made twice: an order charged
 //! before, or earlier in the batch, is skipped.
 
 use std::collections::HashSet;
 
 use sqlx::AnyConnection;
 
-use crate::{db, time};
+use crate::{
+    db::{self, Writes},
+    time,
+};
 
 /// One decision to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,18 +61,17 @@ impl Charges {
         self.new.push(decision);
     }
 
-    /// Writes the batch's decisions.
-    pub async fn write(self, conn: &mut AnyConnection) -> sqlx::Result<()> {
+    /// Adds the insert of the batch's decisions to `writes`.
+    pub fn write(self, writes: &mut Writes) {
         let now = time::now_micros();
         for chunk in self.new.chunks(DECISIONS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO payments (order_id, status, amount_cents, transaction_id, reason, created_at) VALUES {}",
-                db::values(db::Backend::of(conn), chunk.len(), 6)
+                db::values(writes.backend(), chunk.len(), 6)
             );
-            let mut query =
-                sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(db::worth_caching(chunk.len()));
+            writes.statement(&sql, chunk.len());
             for decision in chunk {
-                query = query
+                writes
                     .bind(decision.order_id.clone())
                     .bind(decision.status)
                     .bind(decision.amount_cents)
@@ -77,9 +79,7 @@ impl Charges {
                     .bind(decision.reason.clone())
                     .bind(now);
             }
-            query.execute(&mut *conn).await?;
         }
-        Ok(())
     }
 
     async fn look_up(&mut self, conn: &mut AnyConnection, order_ids: &[&str]) -> sqlx::Result<()> {
@@ -128,7 +128,9 @@ mod tests {
             "an order prepare did not see"
         );
         charges.record(approved("c"));
-        charges.write(&mut tx).await.unwrap();
+        let mut writes = Writes::new(db.backend());
+        charges.write(&mut writes);
+        writes.execute(&mut tx).await.unwrap();
         tx.commit().await.unwrap();
 
         let mut tx = db.begin().await.unwrap();

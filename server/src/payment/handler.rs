@@ -103,9 +103,7 @@ impl Handler for PaymentHandler {
     }
 
     async fn finish(&self, cx: &mut Context<'_>, charges: Charges) -> Result<(), HandleError> {
-        charges
-            .write(cx.conn())
-            .await
-            .map_err(HandleError::transient)
+        charges.write(cx.writes());
+        Ok(())
     }
 }
