@@ -50,6 +50,9 @@ use crate::{
 /// How long to let the broker settle between runs (queue deletions, WAL flushes), so one
 /// run's clean-up does not land in the next run's numbers.
 const SETTLE: Duration = Duration::from_secs(3);
+/// How long the baseline may take to connect, declare its queues and start consuming. lapin
+/// has no timeouts of its own, and once (one run in about twenty) a start never finished.
+const BASELINE_START: Duration = Duration::from_secs(30);
 /// How often a long run reports progress on stderr.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Attempts before the servers dead-letter a message: the server's default, passed
@@ -550,15 +553,23 @@ impl Bench {
     async fn run_baseline(&self, mode: Mode) -> Result<Run> {
         let namespace = self.namespace(mode, System::Baseline);
         eprintln!("{mode} / baseline: raw RabbitMQ ({namespace})");
-        let baseline =
-            match Baseline::start(&self.args.amqp_url, &namespace, self.args.prefetch).await {
-                Ok(baseline) => baseline,
-                Err(error) => {
-                    let (queues, exchanges) = baseline::names(&namespace);
-                    let _ = amqp::delete(&self.args.amqp_url, &queues, &exchanges).await;
-                    return Err(error);
-                }
-            };
+        let start = Baseline::start(&self.args.amqp_url, &namespace, self.args.prefetch);
+        let started = tokio::time::timeout(BASELINE_START, start)
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "the baseline did not start within {BASELINE_START:?}: the broker did not \
+                     answer its connection, declarations or consumers"
+                ))
+            });
+        let baseline = match started {
+            Ok(baseline) => baseline,
+            Err(error) => {
+                let (queues, exchanges) = baseline::names(&namespace);
+                let _ = amqp::delete(&self.args.amqp_url, &queues, &exchanges).await;
+                return Err(error);
+            }
+        };
         let measured = interruptible(async {
             if self.args.warmup > 0 {
                 let warm = baseline.run(self.warmup(mode), 0, Arc::default()).await;
