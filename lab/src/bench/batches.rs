@@ -1,8 +1,9 @@
 //! How many deliveries orderflow's consumers handled per database transaction during a
-//! measured phase, from the servers' own `orderflow_consumer_batch_size` histogram: read once
-//! before the phase and once after, so the warm-up is left out. A commit costs about the same
-//! for one delivery or fifty, so the batch sizes say how much of a load's cost is per order
-//! and how much per transaction.
+//! measured phase, and how long each delivery took from its receipt to its settlement, from the
+//! servers' own `orderflow_consumer_batch_size` and `orderflow_handler_duration_seconds`
+//! histograms: read once before the phase and once after, so the warm-up is left out. A commit
+//! costs about the same for one delivery or fifty, so the batch sizes say how much of a load's
+//! cost is per order and how much per transaction; the times say which stage an order waits in.
 
 use std::collections::BTreeMap;
 
@@ -10,8 +11,20 @@ use serde::Serialize;
 
 use crate::deployment::Deployment;
 
-const SUM: &str = "orderflow_consumer_batch_size_sum{";
-const COUNT: &str = "orderflow_consumer_batch_size_count{";
+/// Where a series' value goes in [`Batches`].
+type Field = fn(&mut Batches) -> &mut f64;
+
+/// The series read, and which field of [`Batches`] each one is.
+const SERIES: [(&str, Field); 4] = [
+    ("orderflow_consumer_batch_size_sum{", |b| &mut b.deliveries),
+    ("orderflow_consumer_batch_size_count{", |b| &mut b.batches),
+    ("orderflow_handler_duration_seconds_sum{", |b| {
+        &mut b.handling_s
+    }),
+    ("orderflow_handler_duration_seconds_count{", |b| {
+        &mut b.handled
+    }),
+];
 
 /// The batches of one queue's consumers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -20,12 +33,20 @@ pub(crate) struct Batches {
     pub(crate) batches: f64,
     /// Deliveries in them.
     pub(crate) deliveries: f64,
+    /// Deliveries handled and settled, and their time from receipt to settlement in total.
+    pub(crate) handled: f64,
+    pub(crate) handling_s: f64,
 }
 
 impl Batches {
     /// Deliveries per batch.
     pub(crate) fn mean(&self) -> Option<f64> {
         (self.batches > 0.0).then(|| self.deliveries / self.batches)
+    }
+
+    /// Milliseconds from a delivery's receipt to its settlement, on average.
+    pub(crate) fn mean_handling_ms(&self) -> Option<f64> {
+        (self.handled > 0.0).then(|| self.handling_s * 1000.0 / self.handled)
     }
 }
 
@@ -37,6 +58,8 @@ pub(crate) async fn read(servers: &Deployment) -> anyhow::Result<BTreeMap<String
             let sum = total.entry(queue).or_default();
             sum.batches += seen.batches;
             sum.deliveries += seen.deliveries;
+            sum.handled += seen.handled;
+            sum.handling_s += seen.handling_s;
         }
     }
     Ok(total)
@@ -54,6 +77,8 @@ pub(crate) fn between(
             let during = Batches {
                 batches: now.batches - then.batches,
                 deliveries: now.deliveries - then.deliveries,
+                handled: now.handled - then.handled,
+                handling_s: now.handling_s - then.handling_s,
             };
             (queue.clone(), during)
         })
@@ -61,14 +86,15 @@ pub(crate) fn between(
         .collect()
 }
 
-/// The histogram's `_count` and `_sum` per `queue` label in a Prometheus text page.
+/// The histograms' `_count` and `_sum` per `queue` label in a Prometheus text page.
 fn parse(page: &str) -> BTreeMap<String, Batches> {
     let mut found: BTreeMap<String, Batches> = BTreeMap::new();
     for line in page.lines() {
-        let (rest, is_sum) = match (line.strip_prefix(SUM), line.strip_prefix(COUNT)) {
-            (Some(rest), _) => (rest, true),
-            (_, Some(rest)) => (rest, false),
-            _ => continue,
+        let Some((rest, field)) = SERIES
+            .iter()
+            .find_map(|(prefix, field)| Some((line.strip_prefix(prefix)?, field)))
+        else {
+            continue;
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
             continue;
@@ -80,12 +106,7 @@ fn parse(page: &str) -> BTreeMap<String, Batches> {
         let (Some(queue), Ok(value)) = (queue, value.trim().parse::<f64>()) else {
             continue;
         };
-        let entry = found.entry(queue.to_owned()).or_default();
-        if is_sum {
-            entry.deliveries = value;
-        } else {
-            entry.batches = value;
-        }
+        *field(found.entry(queue.to_owned()).or_default()) = value;
     }
     found
 }
@@ -102,6 +123,8 @@ orderflow_consumer_batch_size_count{service=\"inventory-service\",queue=\"ns.inv
 orderflow_consumer_batch_size_sum{service=\"order-service\",queue=\"ns.order.payment-processed\"} 1.0
 orderflow_consumer_batch_size_count{service=\"order-service\",queue=\"ns.order.payment-processed\"} 1
 orderflow_handler_duration_seconds_sum{service=\"order-service\",queue=\"ns.order.payment-processed\"} 0.5
+orderflow_handler_duration_seconds_count{service=\"order-service\",queue=\"ns.order.payment-processed\"} 2
+orderflow_handler_duration_seconds_bucket{service=\"order-service\",queue=\"ns.order.payment-processed\",le=\"0.005\"} 0
 ";
 
     #[test]
@@ -113,11 +136,15 @@ orderflow_handler_duration_seconds_sum{service=\"order-service\",queue=\"ns.orde
             inventory,
             Batches {
                 batches: 5.0,
-                deliveries: 40.0
+                deliveries: 40.0,
+                ..Batches::default()
             }
         );
         assert_eq!(inventory.mean(), Some(8.0));
-        assert_eq!(found["ns.order.payment-processed"].mean(), Some(1.0));
+        assert_eq!(inventory.mean_handling_ms(), None);
+        let order = found["ns.order.payment-processed"];
+        assert_eq!(order.mean(), Some(1.0));
+        assert_eq!(order.mean_handling_ms(), Some(250.0));
     }
 
     #[test]
@@ -129,10 +156,16 @@ orderflow_handler_duration_seconds_sum{service=\"order-service\",queue=\"ns.orde
             Batches {
                 batches: 7.0,
                 deliveries: 100.0,
+                handled: 100.0,
+                handling_s: 0.5,
             },
         );
         let during = between(&before, &after);
         assert_eq!(during.len(), 1, "an idle queue is left out: {during:?}");
         assert_eq!(during["ns.inventory.order-created"].mean(), Some(30.0));
+        assert_eq!(
+            during["ns.inventory.order-created"].mean_handling_ms(),
+            Some(5.0)
+        );
     }
 }

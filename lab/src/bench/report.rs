@@ -494,12 +494,18 @@ impl Report {
                 let per_order = transactions / (run.completed + run.failed).max(1) as f64;
                 let _ = writeln!(
                     out,
-                    "\n{name}: consumer transactions: {per_order:.2} per order; deliveries per \
-                     transaction by queue (mean, transactions):"
+                    "\n{name}: consumer transactions: {per_order:.2} per order; by queue, \
+                     deliveries per transaction (mean), transactions, and ms from a delivery's \
+                     receipt to its settlement (mean):"
                 );
                 for (queue, batches) in &run.batches {
                     let mean = batches.mean().unwrap_or_default();
-                    let _ = writeln!(out, "  {mean:>7.1}  {:>7}  {queue}", batches.batches);
+                    let ms = batches.mean_handling_ms().unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "  {mean:>7.1}  {:>7}  {ms:>7.2}  {queue}",
+                        batches.batches
+                    );
                 }
             }
             for note in &run.notes {
