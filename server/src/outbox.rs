@@ -241,7 +241,7 @@ impl Staged {
 const ROWS_PER_INSERT: usize = 128;
 
 /// Adds the insert of `rows` to `writes`, in order, a statement per [`ROWS_PER_INSERT`] rows.
-pub fn write(writes: &mut Writes, rows: &[Staged]) {
+fn write(writes: &mut Writes, rows: &[Staged]) {
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let sql = format!(
             "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at) VALUES {}",
