@@ -247,7 +247,7 @@ fn write(writes: &mut Writes, rows: &[Staged]) {
             "INSERT INTO outbox (message_id, routing_key, message_type, correlation_id, body, trace_context, created_at) VALUES {}",
             db::values(writes.backend(), chunk.len(), 7)
         );
-        writes.statement(&sql, chunk.len());
+        writes.statement(sql, chunk.len());
         for row in chunk {
             writes
                 .bind(row.message_id.clone())

@@ -46,7 +46,7 @@ impl Writes {
 
     /// Adds `sql`, a statement of `rows` rows written with bare parameters ([`super::values`],
     /// [`super::params`]), whose values the following [`Writes::bind`]s give.
-    pub fn statement(&mut self, sql: &str, rows: usize) -> &mut Self {
+    pub fn statement(&mut self, sql: String, rows: usize) -> &mut Self {
         // A numbered `$n` would name the n-th value of the whole query on SQLite.
         debug_assert!(
             self.backend == Backend::Postgres || !sql.contains('$'),
@@ -58,11 +58,11 @@ impl Writes {
             // so one argument list serves the whole query.
             Some(query) if self.backend == Backend::Sqlite => {
                 query.sql.push_str(";\n");
-                query.sql.push_str(sql);
+                query.sql.push_str(&sql);
                 query.cached &= cached;
             }
             _ => self.queries.push(Query {
-                sql: sql.to_owned(),
+                sql,
                 args: AnyArguments::default(),
                 cached,
             }),
@@ -128,15 +128,15 @@ mod tests {
                 db::values(db.backend(), rows, 3)
             )
         };
-        writes.statement(&insert(2), 2);
+        writes.statement(insert(2), 2);
         writes.bind("q").bind("a").bind(1_i64);
         writes.bind("q").bind("b").bind(2_i64);
         let delete = format!(
             "DELETE FROM inbox WHERE message_id IN ({})",
             db::params(db.backend(), 1)
         );
-        writes.statement(&delete, 1).bind("a");
-        writes.statement(&insert(1), 1);
+        writes.statement(delete, 1).bind("a");
+        writes.statement(insert(1), 1);
         writes.bind("r").bind("c").bind(3_i64);
         writes.execute(&mut tx).await.expect("the writes");
         tx.commit().await.expect("a commit");

@@ -143,7 +143,7 @@ pub fn insert(writes: &mut Writes, reservations: &[Reservation], now: i64) -> sq
             "INSERT INTO reservations (order_id, status, lines, total_cents, created_at, updated_at) VALUES {}",
             db::values(writes.backend(), chunk.len(), 6)
         );
-        writes.statement(&sql, chunk.len());
+        writes.statement(sql, chunk.len());
         for reservation in chunk {
             let lines = serde_json::to_string(&reservation.lines)
                 .map_err(|e| sqlx::Error::Encode(e.into()))?;

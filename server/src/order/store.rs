@@ -250,7 +250,7 @@ fn insert_orders(writes: &mut Writes, orders: &[Order], digests: &[String]) -> s
             "INSERT INTO orders (order_id, customer_id, items, status, version, idempotency_key, request_digest, created_at, updated_at) VALUES {}",
             db::values(writes.backend(), chunk.len(), 9)
         );
-        writes.statement(&sql, chunk.len());
+        writes.statement(sql, chunk.len());
         for (order, digest) in chunk.iter().zip(digests) {
             let items =
                 serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
@@ -415,7 +415,7 @@ pub fn update_many(writes: &mut Writes, orders: &[&Order], now: i64) -> sqlx::Re
              FROM (VALUES {}) AS v WHERE orders.order_id = v.column1",
             db::values(writes.backend(), chunk.len(), 9)
         );
-        writes.statement(&sql, chunk.len());
+        writes.statement(sql, chunk.len());
         for order in chunk {
             let items =
                 serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(e.into()))?;
@@ -441,7 +441,7 @@ pub fn insert_changes(writes: &mut Writes, rows: &[(&str, &Change)]) {
             "INSERT INTO order_history (order_id, version, status, reason, at) VALUES {}",
             db::values(writes.backend(), chunk.len(), 5)
         );
-        writes.statement(&sql, chunk.len());
+        writes.statement(sql, chunk.len());
         for (order_id, change) in chunk {
             writes
                 .bind(order_id.to_string())

@@ -107,7 +107,7 @@ pub(super) fn add_delete(writes: &mut Writes, message_ids: &[String]) {
             "DELETE FROM outbox WHERE message_id IN ({})",
             db::params(writes.backend(), chunk.len())
         );
-        writes.statement(&sql, chunk.len());
+        writes.statement(sql, chunk.len());
         for id in chunk {
             writes.bind(id.clone());
         }

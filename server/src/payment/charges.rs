@@ -69,7 +69,7 @@ impl Charges {
                 "INSERT INTO payments (order_id, status, amount_cents, transaction_id, reason, created_at) VALUES {}",
                 db::values(writes.backend(), chunk.len(), 6)
             );
-            writes.statement(&sql, chunk.len());
+            writes.statement(sql, chunk.len());
             for decision in chunk {
                 writes
                     .bind(decision.order_id.clone())
