@@ -10,26 +10,22 @@
 //! SQLite's own busy timeout only arbitrates between processes sharing a file. PostgreSQL needs
 //! no such lock: writers run concurrently and row locks order what must be ordered.
 
-use std::{
-    collections::HashSet,
-    ops::{Deref, DerefMut},
-    path::Path,
-    str::FromStr as _,
-    sync::Arc,
-};
+use std::{collections::HashSet, path::Path, str::FromStr as _, sync::Arc};
 
 use anyhow::Context as _;
 use sqlx::{
-    Any, AnyConnection, AnyPool, Executor as _,
-    any::{AnyConnectOptions, AnyPoolOptions},
+    AnyConnection, AnyPool, Executor as _, FromRow,
+    any::{AnyArguments, AnyConnectOptions, AnyPoolOptions, AnyRow},
     migrate::Migrator,
 };
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::Mutex;
 
 use crate::service::Service;
 
+mod tx;
 mod writes;
 
+pub use tx::Tx;
 pub use writes::Writes;
 
 /// Key of the PostgreSQL advisory lock taken while creating a schema.
@@ -234,36 +230,65 @@ impl Database {
     }
 
     /// Starts a write transaction. On SQLite it waits for the writers of this process before
-    /// it, and `BEGIN IMMEDIATE` takes the file's write lock up front so it never has to
-    /// upgrade a read lock midway (which can deadlock).
+    /// it, and takes the file's write lock up front.
     pub async fn begin(&self) -> sqlx::Result<Tx> {
-        let writer = match &self.writer {
-            Some(writer) => Some(writer.clone().lock_owned().await),
-            None => None,
-        };
-        let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
-        Ok(Tx {
-            tx,
-            _writer: writer,
-        })
+        let (tx, _) = self.start::<()>(&self.pool, None).await?;
+        Ok(tx)
+    }
+
+    /// Starts a write transaction with `sql` (and its `args`; kept prepared if `cached`) as its
+    /// first statement, in the same round trip as the `BEGIN` on SQLite; returns the rows it
+    /// returned.
+    pub async fn begin_with<O>(
+        &self,
+        sql: String,
+        args: AnyArguments,
+        cached: bool,
+    ) -> sqlx::Result<(Tx, Vec<O>)>
+    where
+        O: for<'r> FromRow<'r, AnyRow> + Send + Unpin,
+    {
+        self.start(&self.pool, Some((sql, args, cached))).await
     }
 
     /// A transaction for writes a power cut may lose without harm: on SQLite through the
     /// unsynced connection (with the write turn held), on PostgreSQL a plain one.
     pub async fn begin_unsynced(&self) -> sqlx::Result<Tx> {
-        match (&self.unsynced, &self.writer) {
-            (Some(unsynced), Some(writer)) => {
-                let writer = writer.clone().lock_owned().await;
-                let tx = unsynced.begin_with("BEGIN IMMEDIATE").await?;
-                Ok(Tx {
-                    tx,
-                    _writer: Some(writer),
-                })
+        let pool = self.unsynced.as_ref().unwrap_or(&self.pool);
+        let (tx, _) = self.start::<()>(pool, None).await?;
+        Ok(tx)
+    }
+
+    /// A transaction on `pool`, behind this process's earlier writers on SQLite.
+    async fn start<O>(
+        &self,
+        pool: &AnyPool,
+        first: Option<(String, AnyArguments, bool)>,
+    ) -> sqlx::Result<(Tx, Vec<O>)>
+    where
+        O: for<'r> FromRow<'r, AnyRow> + Send + Unpin,
+    {
+        match self.backend {
+            Backend::Sqlite => {
+                let writer = match &self.writer {
+                    Some(writer) => Some(writer.clone().lock_owned().await),
+                    None => None,
+                };
+                Tx::begin_sqlite(pool.acquire().await?, writer, first).await
             }
-            _ => self.begin().await,
+            Backend::Postgres => {
+                let mut tx = pool.begin().await?;
+                let rows = match first {
+                    Some((sql, args, cached)) => {
+                        sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
+                            .persistent(cached)
+                            .fetch_all(&mut *tx)
+                            .await?
+                    }
+                    None => Vec::new(),
+                };
+                Ok((Tx::postgres(tx), rows))
+            }
         }
     }
 
@@ -325,47 +350,6 @@ async fn sqlite_pool(
         })
         .connect_with(options)
         .await
-}
-
-/// A write transaction, holding this process's write turn (SQLite) until it ends.
-#[derive(Debug)]
-pub struct Tx {
-    tx: sqlx::Transaction<'static, Any>,
-    _writer: Option<OwnedMutexGuard<()>>,
-}
-
-impl Tx {
-    /// Commits and gives up the write turn.
-    pub async fn commit(self) -> sqlx::Result<()> {
-        self.tx.commit().await
-    }
-
-    /// Commits, then runs `then` before giving up the write turn: what `then` hands on (the
-    /// committed outbox rows, to the relay) reaches its reader in commit order.
-    pub async fn commit_then(self, then: impl FnOnce()) -> sqlx::Result<()> {
-        self.tx.commit().await?;
-        then();
-        Ok(())
-    }
-
-    /// Rolls back and gives up the write turn once the database released its lock.
-    pub async fn rollback(self) -> sqlx::Result<()> {
-        self.tx.rollback().await
-    }
-}
-
-impl Deref for Tx {
-    type Target = AnyConnection;
-
-    fn deref(&self) -> &AnyConnection {
-        &self.tx
-    }
-}
-
-impl DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut AnyConnection {
-        &mut self.tx
-    }
 }
 
 /// Whether `error` means only that concurrent transactions got in each other's way (deadlock,

@@ -8,7 +8,7 @@
 use std::{collections::HashSet, future::Future, sync::Arc};
 
 use backon::ExponentialBuilder;
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, Arguments as _, any::AnyArguments};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -255,11 +255,16 @@ impl<H: Handler> Inbox<H> {
         keys: &[Option<String>],
         failed: &[Option<HandleError>],
     ) -> Attempt {
-        let mut tx = match self.db.begin().await {
-            Ok(tx) => tx,
+        let pending: Vec<&str> = keys
+            .iter()
+            .zip(failed)
+            .filter_map(|(key, failure)| key.as_deref().filter(|_| failure.is_none()))
+            .collect();
+        let (mut tx, new) = match self.begin_recording(&pending).await {
+            Ok(begun) => begun,
             Err(error) => return Attempt::Failed(error.into()),
         };
-        match self.apply_all(&mut tx, batch, keys, failed).await {
+        match self.apply_all(&mut tx, batch, keys, failed, &new).await {
             Ok((writes, staged, after_commit)) => {
                 match self.outbox.commit(tx, writes, staged).await {
                     Ok(()) => Attempt::Committed(after_commit),
@@ -275,27 +280,68 @@ impl<H: Handler> Inbox<H> {
         }
     }
 
-    /// Records the batch in the inbox and has the handler apply the new messages, inside `tx`.
+    /// Begins the batch's transaction by recording `keys` in the inbox (on SQLite the `BEGIN`
+    /// goes with the first `INSERT`); returns it and the keys that were not there yet. Keys
+    /// already recorded belong to deliveries whose effects are committed.
+    async fn begin_recording(&self, keys: &[&str]) -> sqlx::Result<(Tx, HashSet<String>)> {
+        let now = time::now_micros();
+        let mut chunks = keys.chunks(KEYS_PER_INSERT);
+        let Some(first) = chunks.next() else {
+            return Ok((self.db.begin().await?, HashSet::new()));
+        };
+        let (sql, args) = self.record(first, now)?;
+        let (mut tx, rows) = self
+            .db
+            .begin_with::<(String,)>(sql, args, db::worth_caching(first.len()))
+            .await?;
+        let mut new: HashSet<String> = rows.into_iter().map(|(key,)| key).collect();
+        for chunk in chunks {
+            let recorded = match self.record(chunk, now) {
+                Ok((sql, args)) => {
+                    sqlx::query_as_with::<_, (String,), _>(sqlx::AssertSqlSafe(sql), args)
+                        .persistent(db::worth_caching(chunk.len()))
+                        .fetch_all(&mut *tx)
+                        .await
+                }
+                Err(error) => Err(error),
+            };
+            match recorded {
+                Ok(rows) => new.extend(rows.into_iter().map(|(key,)| key)),
+                Err(error) => {
+                    let _ = tx.rollback().await;
+                    return Err(error);
+                }
+            }
+        }
+        Ok((tx, new))
+    }
+
+    /// The statement that records `keys` in the inbox, returning those it added.
+    fn record(&self, keys: &[&str], now: i64) -> sqlx::Result<(String, AnyArguments)> {
+        let sql = format!(
+            "INSERT INTO inbox (queue, message_id, processed_at) VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
+            db::values(self.db.backend(), keys.len(), 3)
+        );
+        let mut args = AnyArguments::default();
+        for key in keys {
+            args.add(self.queue.as_str())
+                .and_then(|()| args.add(*key))
+                .and_then(|()| args.add(now))
+                .map_err(sqlx::Error::Encode)?;
+        }
+        Ok((sql, args))
+    }
+
+    /// Has the handler apply the messages whose keys are `new` in the inbox, inside `tx`.
     /// Returns the writes still to run, the events to stage and what to run after the commit.
-    ///
-    /// The batch's inbox records go in with one statement, and the events its handlers staged
-    /// with the handler's last writes, just before the commit: every round trip to the
-    /// database's connection thread costs more than the SQL it carries.
     async fn apply_all(
         &self,
         tx: &mut Tx,
         batch: &[Incoming],
         keys: &[Option<String>],
         failed: &[Option<HandleError>],
+        new: &HashSet<String>,
     ) -> Result<(Writes, Vec<Staged>, AfterCommit), Attempt> {
-        let pending = keys
-            .iter()
-            .zip(failed)
-            .filter_map(|(key, failure)| key.as_deref().filter(|_| failure.is_none()));
-        let new = self
-            .record(tx, pending)
-            .await
-            .map_err(|error| Attempt::Failed(error.into()))?;
         // This attempt's messages: new, not failed before, and the first of their key.
         let mut seen = HashSet::new();
         let mut todo = Vec::with_capacity(batch.len());
@@ -351,37 +397,6 @@ impl<H: Handler> Inbox<H> {
             ..
         } = cx;
         Ok((writes, staged, after_commit))
-    }
-
-    /// Records `keys` in the inbox; returns those that were not there yet. Keys already
-    /// recorded belong to deliveries whose effects are committed.
-    async fn record<'k>(
-        &self,
-        tx: &mut Tx,
-        keys: impl Iterator<Item = &'k str>,
-    ) -> sqlx::Result<HashSet<String>> {
-        let keys: Vec<&str> = keys.collect();
-        let now = time::now_micros();
-        let mut new = HashSet::with_capacity(keys.len());
-        for chunk in keys.chunks(KEYS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO inbox (queue, message_id, processed_at) VALUES {} ON CONFLICT DO NOTHING RETURNING message_id",
-                db::values(self.db.backend(), chunk.len(), 3)
-            );
-            let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql))
-                .persistent(db::worth_caching(chunk.len()));
-            for key in chunk {
-                query = query.bind(&self.queue).bind(*key).bind(now);
-            }
-            new.extend(
-                query
-                    .fetch_all(&mut **tx)
-                    .await?
-                    .into_iter()
-                    .map(|(key,)| key),
-            );
-        }
-        Ok(new)
     }
 
     /// One new message's effects, through its handler.

@@ -127,12 +127,12 @@ impl Outbox {
 
     /// Runs `writes` (the transaction's last ones), writes `staged` (its events) in `tx`,
     /// deletes the rows the broker has confirmed since the last write (SQLite; on PostgreSQL
-    /// each relay deletes its own), all in one round trip on SQLite; then commits and hands the
+    /// each relay deletes its own), and commits, all in one round trip on SQLite; then hands the
     /// events to the relay. Rolls back on failure; a failed commit (which may have taken effect
     /// all the same) makes the relay read the table.
     pub async fn commit(
         &self,
-        mut tx: Tx,
+        tx: Tx,
         mut writes: Writes,
         staged: Vec<Staged>,
     ) -> sqlx::Result<()> {
@@ -142,14 +142,9 @@ impl Outbox {
         };
         store::add_delete(&mut writes, &cleanup.message_ids);
         write(&mut writes, &staged);
-        let written = writes.execute(&mut tx).await;
-        if let Err(error) = written {
-            let _ = tx.rollback().await;
-            return Err(error);
-        }
         // Handed over before the write turn is given up, so in commit order.
         let committed = tx
-            .commit_then(|| {
+            .commit_with(writes, || {
                 cleanup.committed();
                 self.committed(staged);
             })

@@ -1,0 +1,277 @@
+//! A write transaction.
+//!
+//! On SQLite every statement is a round trip to the connection's thread, which costs more than
+//! the SQL it carries. So there the `BEGIN` goes with the transaction's first statement
+//! ([`super::Database::begin_with`]) and the `COMMIT` with its last writes
+//! ([`Tx::commit_with`]), each in one query. sqlx then does not know of the transaction, so a
+//! [`Tx`] dropped before it ended closes its connection, which rolls it back, rather than give
+//! the pool a connection in the middle of a transaction. On PostgreSQL, which takes one
+//! statement per query once it has parameters, it is sqlx's own transaction.
+
+use std::ops::{Deref, DerefMut};
+
+use sqlx::{Any, AnyConnection, any::AnyArguments, any::AnyRow, pool::PoolConnection};
+use tokio::sync::OwnedMutexGuard;
+
+use super::{Backend, Writes};
+
+/// SQLite's statement that starts a write transaction: it takes the file's write lock up
+/// front, so the transaction never has to upgrade a read lock midway (which can deadlock).
+const BEGIN: &str = "BEGIN IMMEDIATE";
+
+/// A write transaction, holding this process's write turn (SQLite) until it ends.
+#[derive(Debug)]
+pub struct Tx {
+    conn: Conn,
+    _writer: Option<OwnedMutexGuard<()>>,
+}
+
+#[derive(Debug)]
+enum Conn {
+    Sqlite(Open),
+    Postgres(sqlx::Transaction<'static, Any>),
+}
+
+/// A SQLite connection whose transaction sqlx does not track.
+#[derive(Debug)]
+struct Open {
+    conn: PoolConnection<Any>,
+    /// Set before the `BEGIN` is sent, cleared once the `COMMIT` or `ROLLBACK` ran.
+    open: bool,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+impl Open {
+    /// Runs `sql` (the transaction's end, with anything before it) and marks it ended.
+    async fn end(&mut self, sql: &'static str) -> sqlx::Result<()> {
+        sqlx::query(sql).execute(&mut *self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Tx {
+    /// Begins a transaction on SQLite's `conn`, with `first` (and its `args`) in the same
+    /// round trip; returns the rows `first` returned.
+    pub(super) async fn begin_sqlite<O>(
+        conn: PoolConnection<Any>,
+        writer: Option<OwnedMutexGuard<()>>,
+        first: Option<(String, AnyArguments, bool)>,
+    ) -> sqlx::Result<(Tx, Vec<O>)>
+    where
+        O: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin,
+    {
+        // Open from before the `BEGIN`: a begin cancelled midway closes the connection.
+        let mut open = Open { conn, open: true };
+        let rows = match first {
+            None => {
+                sqlx::query(BEGIN).execute(&mut *open.conn).await?;
+                Vec::new()
+            }
+            Some((sql, args, cached)) => {
+                let sql = format!("{BEGIN};\n{sql}");
+                let fetched = sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
+                    .persistent(cached)
+                    .fetch_all(&mut *open.conn)
+                    .await;
+                match fetched {
+                    Ok(rows) => rows,
+                    Err(error) => {
+                        // The `BEGIN` may have run; if the `ROLLBACK` fails, the connection
+                        // closes on drop.
+                        let _ = open.end("ROLLBACK").await;
+                        return Err(error);
+                    }
+                }
+            }
+        };
+        let tx = Tx {
+            conn: Conn::Sqlite(open),
+            _writer: writer,
+        };
+        Ok((tx, rows))
+    }
+
+    /// A PostgreSQL transaction.
+    pub(super) fn postgres(tx: sqlx::Transaction<'static, Any>) -> Tx {
+        Tx {
+            conn: Conn::Postgres(tx),
+            _writer: None,
+        }
+    }
+
+    /// The engine it runs on.
+    pub fn backend(&self) -> Backend {
+        match self.conn {
+            Conn::Sqlite(_) => Backend::Sqlite,
+            Conn::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Commits and gives up the write turn.
+    pub async fn commit(self) -> sqlx::Result<()> {
+        let writes = Writes::new(self.backend());
+        self.commit_with(writes, || {}).await
+    }
+
+    /// Runs `writes`, commits (in the same round trip on SQLite), then runs `then` before
+    /// giving up the write turn: what `then` hands on (the committed outbox rows, to the relay)
+    /// reaches its reader in commit order. Rolls back if a write fails; a failed commit may
+    /// have taken effect all the same.
+    pub async fn commit_with(self, mut writes: Writes, then: impl FnOnce()) -> sqlx::Result<()> {
+        // The write turn is held until the end.
+        let Tx { conn, _writer } = self;
+        match conn {
+            Conn::Sqlite(mut open) => {
+                writes.statement("COMMIT".to_owned(), 1);
+                if let Err(error) = writes.execute(&mut open.conn).await {
+                    let _ = open.end("ROLLBACK").await;
+                    return Err(error);
+                }
+                open.open = false;
+            }
+            Conn::Postgres(mut tx) => {
+                if let Err(error) = writes.execute(&mut tx).await {
+                    let _ = tx.rollback().await;
+                    return Err(error);
+                }
+                tx.commit().await?;
+            }
+        }
+        then();
+        Ok(())
+    }
+
+    /// Rolls back and gives up the write turn once the database released its lock.
+    pub async fn rollback(self) -> sqlx::Result<()> {
+        match self.conn {
+            Conn::Sqlite(mut open) => open.end("ROLLBACK").await,
+            Conn::Postgres(tx) => tx.rollback().await,
+        }
+    }
+}
+
+impl Deref for Tx {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        match &self.conn {
+            Conn::Sqlite(open) => &open.conn,
+            Conn::Postgres(tx) => tx,
+        }
+    }
+}
+
+impl DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        match &mut self.conn {
+            Conn::Sqlite(open) => &mut open.conn,
+            Conn::Postgres(tx) => tx,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Arguments as _;
+
+    use super::*;
+    use crate::{db, service::Service};
+
+    /// The inbox's ids, read outside any transaction.
+    async fn inbox(db: &db::Database) -> Vec<String> {
+        sqlx::query_scalar("SELECT message_id FROM inbox ORDER BY message_id")
+            .fetch_all(db.pool())
+            .await
+            .expect("the inbox")
+    }
+
+    fn record(id: &str) -> (String, AnyArguments) {
+        let mut args = AnyArguments::default();
+        args.add(id).expect("an id");
+        let sql = "INSERT INTO inbox (queue, message_id, processed_at) VALUES ('q', ?, 0) RETURNING message_id";
+        (sql.to_owned(), args)
+    }
+
+    #[tokio::test]
+    async fn the_first_statement_and_the_last_writes_share_the_transaction() {
+        let (_dir, db) = db::scratch(Service::Payment).await;
+        let (sql, args) = record("a");
+        let (tx, rows) = db
+            .begin_with::<(String,)>(sql, args, true)
+            .await
+            .expect("a transaction");
+        assert_eq!(rows, [("a".to_owned(),)]);
+        let mut writes = Writes::new(db.backend());
+        writes
+            .statement(
+                "INSERT INTO inbox (queue, message_id, processed_at) VALUES ('q', ?, 0)".into(),
+                1,
+            )
+            .bind("b");
+        let mut ran = false;
+        tx.commit_with(writes, || ran = true)
+            .await
+            .expect("a commit");
+        assert!(ran);
+        assert_eq!(inbox(&db).await, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_rolls_back_the_whole_transaction() {
+        let (_dir, db) = db::scratch(Service::Payment).await;
+        let (sql, args) = record("a");
+        let (tx, _) = db
+            .begin_with::<(String,)>(sql, args, true)
+            .await
+            .expect("a transaction");
+        let mut writes = Writes::new(db.backend());
+        // The same primary key again.
+        writes
+            .statement(
+                "INSERT INTO inbox (queue, message_id, processed_at) VALUES ('q', ?, 0)".into(),
+                1,
+            )
+            .bind("a");
+        let mut ran = false;
+        let committed = tx.commit_with(writes, || ran = true).await;
+        assert!(committed.is_err());
+        assert!(!ran);
+        assert!(inbox(&db).await.is_empty());
+        // The connection is free of it: the next transaction begins and commits.
+        let (sql, args) = record("c");
+        let (tx, _) = db
+            .begin_with::<(String,)>(sql, args, true)
+            .await
+            .expect("a transaction");
+        tx.commit().await.expect("a commit");
+        assert_eq!(inbox(&db).await, ["c"]);
+    }
+
+    /// A transaction abandoned midway (its task cancelled) never reaches the pool's next user
+    /// still open: the unsynced pool has one connection, so the next transaction would get it.
+    #[tokio::test]
+    async fn a_dropped_transaction_is_rolled_back() {
+        let (_dir, db) = db::scratch(Service::Payment).await;
+        let mut tx = db.begin_unsynced().await.expect("a transaction");
+        sqlx::query("INSERT INTO inbox (queue, message_id, processed_at) VALUES ('q', 'a', 0)")
+            .execute(&mut *tx)
+            .await
+            .expect("a row");
+        drop(tx);
+        let mut tx = db.begin_unsynced().await.expect("a second transaction");
+        sqlx::query("INSERT INTO inbox (queue, message_id, processed_at) VALUES ('q', 'b', 0)")
+            .execute(&mut *tx)
+            .await
+            .expect("a row");
+        tx.commit().await.expect("a commit");
+        assert_eq!(inbox(&db).await, ["b"]);
+    }
+}
