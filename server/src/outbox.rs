@@ -128,8 +128,8 @@ impl Outbox {
     /// Runs `writes` (the transaction's last ones), writes `staged` (its events) in `tx`,
     /// deletes the rows the broker has confirmed since the last write (SQLite; on PostgreSQL
     /// each relay deletes its own), and commits, all in one round trip on SQLite; then hands the
-    /// events to the relay. Rolls back on failure; a failed commit (which may have taken effect
-    /// all the same) makes the relay read the table.
+    /// events to the relay. Rolls back on failure, and then has the relay read the table: a
+    /// failed commit may have taken effect all the same.
     pub async fn commit(
         &self,
         tx: Tx,

@@ -49,9 +49,9 @@ impl Drop for Open {
 }
 
 impl Open {
-    /// Runs `sql` (the transaction's end, with anything before it) and marks it ended.
-    async fn end(&mut self, sql: &'static str) -> sqlx::Result<()> {
-        sqlx::query(sql).execute(&mut *self.conn).await?;
+    /// Rolls back and marks the transaction ended; if that fails, the connection closes on drop.
+    async fn rollback(&mut self) -> sqlx::Result<()> {
+        sqlx::query("ROLLBACK").execute(&mut *self.conn).await?;
         self.open = false;
         Ok(())
     }
@@ -84,9 +84,8 @@ impl Tx {
                 match fetched {
                     Ok(rows) => rows,
                     Err(error) => {
-                        // The `BEGIN` may have run; if the `ROLLBACK` fails, the connection
-                        // closes on drop.
-                        let _ = open.end("ROLLBACK").await;
+                        // The `BEGIN` may have run.
+                        let _ = open.rollback().await;
                         return Err(error);
                     }
                 }
@@ -132,7 +131,7 @@ impl Tx {
             Conn::Sqlite(mut open) => {
                 writes.statement("COMMIT".to_owned(), 1);
                 if let Err(error) = writes.execute(&mut open.conn).await {
-                    let _ = open.end("ROLLBACK").await;
+                    let _ = open.rollback().await;
                     return Err(error);
                 }
                 open.open = false;
@@ -152,7 +151,7 @@ impl Tx {
     /// Rolls back and gives up the write turn once the database released its lock.
     pub async fn rollback(self) -> sqlx::Result<()> {
         match self.conn {
-            Conn::Sqlite(mut open) => open.end("ROLLBACK").await,
+            Conn::Sqlite(mut open) => open.rollback().await,
             Conn::Postgres(tx) => tx.rollback().await,
         }
     }
