@@ -15,6 +15,7 @@ mod plot;
 mod postgres;
 mod report;
 mod stats;
+mod timeline;
 
 use std::{
     fmt,
@@ -723,6 +724,12 @@ impl Bench {
             batches: usage.batches,
             leftover_messages: std::collections::BTreeMap::new(),
             notes,
+            e2e_by_second: timeline::by_second(
+                result
+                    .outcomes
+                    .iter()
+                    .filter_map(|o| o.result.as_ref().ok().map(|e2e| (o.finished, *e2e))),
+            ),
             samples: Samples {
                 e2e_us: e2e.micros().to_vec(),
                 accept_us: accept.micros().to_vec(),

@@ -15,6 +15,7 @@ use super::{
     batches::Batches,
     plot::{self, Axis, Figure, Panel, Scale, Series},
     stats::{Latencies, Summary},
+    timeline,
 };
 use crate::{
     deployment::{Exit, Layout},
@@ -185,6 +186,8 @@ pub(crate) struct Run {
     pub(crate) notes: Vec<String>,
     #[serde(skip)]
     pub(crate) e2e: Latencies,
+    /// The completed orders' e2e latencies by the second of the run they completed in.
+    pub(crate) e2e_by_second: Vec<timeline::Second>,
     pub(crate) samples: Samples,
 }
 
@@ -505,6 +508,22 @@ impl Report {
                         out,
                         "  {mean:>7.1}  {:>7}  {ms:>7.2}  {queue}",
                         batches.batches
+                    );
+                }
+            }
+            // Only worth reading over enough seconds to have a typical one.
+            if run.e2e_by_second.len() >= 5 {
+                let typical = timeline::typical_p99_ms(&run.e2e_by_second).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "\n{name}: e2e by second of completion: the typical second's p99 {typical:.1} \
+                     ms; the seconds with the slowest orders (second, orders, p50, p99, max ms):"
+                );
+                for second in timeline::slowest(&run.e2e_by_second, 3) {
+                    let _ = writeln!(
+                        out,
+                        "  {:>7}  {:>7}  {:>7.1}  {:>7.1}  {:>7.1}",
+                        second.t_s, second.completed, second.p50_ms, second.p99_ms, second.max_ms
                     );
                 }
             }
