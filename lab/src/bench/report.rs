@@ -523,7 +523,11 @@ impl Report {
                     let _ = writeln!(
                         out,
                         "  {:>7}  {:>7}  {:>7.1}  {:>7.1}  {:>7.1}",
-                        second.t_s, second.completed, second.p50_ms, second.p99_ms, second.max_ms
+                        second.t_s,
+                        second.e2e.count,
+                        second.e2e.p50_ms,
+                        second.e2e.p99_ms,
+                        second.e2e.max_ms
                     );
                 }
             }

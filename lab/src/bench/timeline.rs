@@ -7,17 +7,16 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::Serialize;
 
-use super::stats::Latencies;
+use super::stats::{Latencies, Summary};
 
 /// The orders that completed in one second of a run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct Second {
     /// Whole seconds since the measured phase started.
     pub(crate) t_s: u64,
-    pub(crate) completed: usize,
-    pub(crate) p50_ms: f64,
-    pub(crate) p99_ms: f64,
-    pub(crate) max_ms: f64,
+    /// Their e2e latencies.
+    #[serde(flatten)]
+    pub(crate) e2e: Summary,
 }
 
 /// Groups `completions`, each an order's (completion time since the phase started, e2e
@@ -32,14 +31,8 @@ pub(crate) fn by_second(
     seconds
         .into_iter()
         .filter_map(|(t_s, e2e)| {
-            let summary = Latencies::from_durations(e2e).summary()?;
-            Some(Second {
-                t_s,
-                completed: summary.count,
-                p50_ms: summary.p50_ms,
-                p99_ms: summary.p99_ms,
-                max_ms: summary.max_ms,
-            })
+            let e2e = Latencies::from_durations(e2e).summary()?;
+            Some(Second { t_s, e2e })
         })
         .collect()
 }
@@ -47,7 +40,7 @@ pub(crate) fn by_second(
 /// The `n` seconds with the slowest orders, slowest first.
 pub(crate) fn slowest(seconds: &[Second], n: usize) -> Vec<&Second> {
     let mut sorted: Vec<&Second> = seconds.iter().collect();
-    sorted.sort_by(|a, b| b.max_ms.total_cmp(&a.max_ms));
+    sorted.sort_by(|a, b| b.e2e.max_ms.total_cmp(&a.e2e.max_ms));
     sorted.truncate(n);
     sorted
 }
@@ -55,7 +48,7 @@ pub(crate) fn slowest(seconds: &[Second], n: usize) -> Vec<&Second> {
 /// The median of the seconds' p99s: what a typical second's tail is, to hold the slowest
 /// against.
 pub(crate) fn typical_p99_ms(seconds: &[Second]) -> Option<f64> {
-    let mut p99s: Vec<f64> = seconds.iter().map(|s| s.p99_ms).collect();
+    let mut p99s: Vec<f64> = seconds.iter().map(|s| s.e2e.p99_ms).collect();
     p99s.sort_by(f64::total_cmp);
     p99s.get(p99s.len() / 2).copied()
 }
@@ -76,25 +69,11 @@ mod tests {
             (ms(2_500), ms(200)),
             (ms(2_999), ms(20)),
         ]);
-        assert_eq!(
-            seconds,
-            [
-                Second {
-                    t_s: 0,
-                    completed: 2,
-                    p50_ms: 10.0,
-                    p99_ms: 30.0,
-                    max_ms: 30.0,
-                },
-                Second {
-                    t_s: 2,
-                    completed: 2,
-                    p50_ms: 20.0,
-                    p99_ms: 200.0,
-                    max_ms: 200.0,
-                },
-            ]
-        );
+        let seen: Vec<(u64, usize, f64, f64)> = seconds
+            .iter()
+            .map(|s| (s.t_s, s.e2e.count, s.e2e.p50_ms, s.e2e.max_ms))
+            .collect();
+        assert_eq!(seen, [(0, 2, 10.0, 30.0), (2, 2, 20.0, 200.0)]);
     }
 
     #[test]
@@ -106,7 +85,7 @@ mod tests {
         let seconds = by_second(completions);
         let worst = slowest(&seconds, 2);
         assert_eq!(worst[0].t_s, 7);
-        assert_eq!(worst[0].max_ms, 140.0);
+        assert_eq!(worst[0].e2e.max_ms, 140.0);
         assert_eq!(worst.len(), 2);
         assert_eq!(typical_p99_ms(&seconds), Some(24.0));
         assert!(slowest(&[], 3).is_empty());

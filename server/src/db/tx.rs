@@ -192,31 +192,30 @@ mod tests {
             .expect("the inbox")
     }
 
-    fn record(id: &str) -> (String, AnyArguments) {
+    /// A transaction whose first statement records `id` in the inbox, and the ids it returned.
+    async fn begin_recording(db: &db::Database, id: &str) -> (Tx, Vec<(String,)>) {
         let mut args = AnyArguments::default();
         args.add(id).expect("an id");
-        let sql = "INSERT INTO inbox (queue, message_id, processed_at) VALUES ('q', ?, 0) RETURNING message_id";
-        (sql.to_owned(), args)
+        let sql = format!("{INSERT} RETURNING message_id");
+        db.begin_with(sql, args, true).await.expect("a transaction")
     }
+
+    /// Writes that record `id` in the inbox.
+    fn insert(db: &db::Database, id: &str) -> Writes {
+        let mut writes = Writes::new(db.backend());
+        writes.statement(INSERT.to_owned(), 1).bind(id.to_owned());
+        writes
+    }
+
+    const INSERT: &str = "INSERT INTO inbox (queue, message_id, processed_at) VALUES ('q', ?, 0)";
 
     #[tokio::test]
     async fn the_first_statement_and_the_last_writes_share_the_transaction() {
         let (_dir, db) = db::scratch(Service::Payment).await;
-        let (sql, args) = record("a");
-        let (tx, rows) = db
-            .begin_with::<(String,)>(sql, args, true)
-            .await
-            .expect("a transaction");
+        let (tx, rows) = begin_recording(&db, "a").await;
         assert_eq!(rows, [("a".to_owned(),)]);
-        let mut writes = Writes::new(db.backend());
-        writes
-            .statement(
-                "INSERT INTO inbox (queue, message_id, processed_at) VALUES ('q', ?, 0)".into(),
-                1,
-            )
-            .bind("b");
         let mut ran = false;
-        tx.commit_with(writes, || ran = true)
+        tx.commit_with(insert(&db, "b"), || ran = true)
             .await
             .expect("a commit");
         assert!(ran);
@@ -226,30 +225,15 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_rolls_back_the_whole_transaction() {
         let (_dir, db) = db::scratch(Service::Payment).await;
-        let (sql, args) = record("a");
-        let (tx, _) = db
-            .begin_with::<(String,)>(sql, args, true)
-            .await
-            .expect("a transaction");
-        let mut writes = Writes::new(db.backend());
-        // The same primary key again.
-        writes
-            .statement(
-                "INSERT INTO inbox (queue, message_id, processed_at) VALUES ('q', ?, 0)".into(),
-                1,
-            )
-            .bind("a");
+        let (tx, _) = begin_recording(&db, "a").await;
         let mut ran = false;
-        let committed = tx.commit_with(writes, || ran = true).await;
+        // The same primary key again.
+        let committed = tx.commit_with(insert(&db, "a"), || ran = true).await;
         assert!(committed.is_err());
         assert!(!ran);
         assert!(inbox(&db).await.is_empty());
         // The connection is free of it: the next transaction begins and commits.
-        let (sql, args) = record("c");
-        let (tx, _) = db
-            .begin_with::<(String,)>(sql, args, true)
-            .await
-            .expect("a transaction");
+        let (tx, _) = begin_recording(&db, "c").await;
         tx.commit().await.expect("a commit");
         assert_eq!(inbox(&db).await, ["c"]);
     }
