@@ -279,12 +279,7 @@ impl Database {
             Backend::Postgres => {
                 let mut tx = pool.begin().await?;
                 let rows = match first {
-                    Some((sql, args, cached)) => {
-                        sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
-                            .persistent(cached)
-                            .fetch_all(&mut *tx)
-                            .await?
-                    }
+                    Some((sql, args, cached)) => fetch_all(&mut tx, sql, args, cached).await?,
                     None => Vec::new(),
                 };
                 Ok((Tx::postgres(tx), rows))
@@ -349,6 +344,23 @@ async fn sqlite_pool(
             })
         })
         .connect_with(options)
+        .await
+}
+
+/// The rows of `sql` run with `args` on `conn`, kept prepared if `cached` ([`worth_caching`]):
+/// for statements whose values are gathered before the query is built.
+pub async fn fetch_all<O>(
+    conn: &mut AnyConnection,
+    sql: String,
+    args: AnyArguments,
+    cached: bool,
+) -> sqlx::Result<Vec<O>>
+where
+    O: for<'r> FromRow<'r, AnyRow> + Send + Unpin,
+{
+    sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
+        .persistent(cached)
+        .fetch_all(conn)
         .await
 }
 

@@ -295,23 +295,19 @@ impl<H: Handler> Inbox<H> {
             .begin_with::<(String,)>(sql, args, db::worth_caching(first.len()))
             .await?;
         let mut new: HashSet<String> = rows.into_iter().map(|(key,)| key).collect();
-        for chunk in chunks {
-            let recorded = match self.record(chunk, now) {
-                Ok((sql, args)) => {
-                    sqlx::query_as_with::<_, (String,), _>(sqlx::AssertSqlSafe(sql), args)
-                        .persistent(db::worth_caching(chunk.len()))
-                        .fetch_all(&mut *tx)
-                        .await
-                }
-                Err(error) => Err(error),
-            };
-            match recorded {
-                Ok(rows) => new.extend(rows.into_iter().map(|(key,)| key)),
-                Err(error) => {
-                    let _ = tx.rollback().await;
-                    return Err(error);
-                }
+        let rest = async {
+            for chunk in chunks {
+                let (sql, args) = self.record(chunk, now)?;
+                let rows: Vec<(String,)> =
+                    db::fetch_all(&mut tx, sql, args, db::worth_caching(chunk.len())).await?;
+                new.extend(rows.into_iter().map(|(key,)| key));
             }
+            Ok(())
+        }
+        .await;
+        if let Err(error) = rest {
+            let _ = tx.rollback().await;
+            return Err(error);
         }
         Ok((tx, new))
     }

@@ -77,11 +77,7 @@ impl Tx {
             }
             Some((sql, args, cached)) => {
                 let sql = format!("{BEGIN};\n{sql}");
-                let fetched = sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
-                    .persistent(cached)
-                    .fetch_all(&mut *open.conn)
-                    .await;
-                match fetched {
+                match super::fetch_all(&mut open.conn, sql, args, cached).await {
                     Ok(rows) => rows,
                     Err(error) => {
                         // The `BEGIN` may have run.
